@@ -1,0 +1,345 @@
+"""The run spec: one YAML file, validated by pydantic, with `section.key=value` overrides.
+
+Every error a user can cause here becomes a `SpecError` whose message names the dotted key (and the
+YAML line when the key came from the file); the CLI turns it into exit code 2.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SAFE_SHELL_WORD = re.compile(r"^[A-Za-z0-9_.,:=@%+/\-\[\]]*$")
+
+
+class SpecError(Exception):
+    """A user-caused problem with the spec, the data or the command line (exit code 2)."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(_Section):
+    name_or_path: str = Field(min_length=1)
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
+    torch_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    trust_remote_code: bool = False
+
+
+class DataSpec(_Section):
+    train_files: list[str] = Field(min_length=1)
+    eval_files: list[str] = Field(default_factory=list)
+    format: Literal["messages", "instruction"] = "messages"
+    messages_column: str = "messages"
+    instruction_column: str = "instruction"
+    input_column: str = "input"
+    output_column: str = "output"
+    system_prompt: str | None = None
+    chat_template: str | None = None
+    max_length: int = Field(2048, ge=8)
+    packing: bool = True
+    overlong: Literal["truncate", "drop"] = "truncate"
+    max_train_examples: int | None = Field(None, ge=1)
+    cache_dir: str | None = None
+
+    @field_validator("train_files", "eval_files", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+
+class PeftSpec(_Section):
+    method: Literal["none", "lora", "qlora"] = "none"
+    r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+              "constant_with_warmup", "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr",
+              "warmup_stable_decay")
+
+
+class TrainSpec(_Section):
+    per_device_train_batch_size: int = Field(1, ge=1)
+    per_device_eval_batch_size: int | None = Field(None, ge=1)
+    gradient_accumulation_steps: int | None = Field(None, ge=1)
+    global_batch_size: int | None = Field(None, ge=1)
+    # None resolves to 2e-5 for full fine-tuning and 1e-4 for LoRA/QLoRA (see RunSpec._defaults).
+    learning_rate: float | None = Field(None, ge=0.0)
+    num_train_epochs: float = Field(1.0, gt=0.0)
+    max_steps: int = Field(-1, ge=-1)
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
+    lr_scheduler_type: Literal[SCHEDULERS] = "cosine"  # type: ignore[valid-type]
+    weight_decay: float = Field(0.01, ge=0.0)
+    max_grad_norm: float = Field(1.0, ge=0.0)
+    seed: int = 42
+    # None: bf16 where the GPU supports it, fp32 on CPU (TRL would otherwise default to bf16 on CPU too).
+    bf16: bool | None = None
+    fp16: bool = False
+    gradient_checkpointing: bool = False
+    eval_steps: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainSpec":
+        if self.gradient_accumulation_steps is not None and self.global_batch_size is not None:
+            raise ValueError(
+                "set at most one of train.gradient_accumulation_steps and train.global_batch_size "
+                f"(got {self.gradient_accumulation_steps} and {self.global_batch_size}); "
+                "with global_batch_size the accumulation is derived from the GPU count")
+        if self.max_steps == 0:
+            raise ValueError("train.max_steps must be -1 (use num_train_epochs) or a positive number")
+        if self.bf16 and self.fp16:
+            raise ValueError("train.bf16 and train.fp16 cannot both be true")
+        return self
+
+
+class DistributedSpec(_Section):
+    nodes: int = Field(1, ge=1)
+    gpus_per_node: int = Field(1, ge=1)
+    backend: Literal["ddp", "deepspeed"] = "ddp"
+    zero_stage: int | None = Field(None, ge=0, le=3)
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    main_process_port: int | None = Field(None, ge=1024, le=65535)
+
+    @model_validator(mode="after")
+    def _check(self) -> "DistributedSpec":
+        if self.backend == "ddp":
+            if self.zero_stage not in (None, 0):
+                raise ValueError(f"distributed.zero_stage={self.zero_stage} needs distributed.backend: deepspeed")
+            if self.offload_optimizer or self.offload_params:
+                key = "offload_optimizer" if self.offload_optimizer else "offload_params"
+                raise ValueError(f"distributed.{key} needs distributed.backend: deepspeed (ZeRO offload)")
+        if self.offload_params and (self.zero_stage or 0) < 3:
+            raise ValueError("distributed.offload_params needs distributed.zero_stage: 3")
+        if self.offload_optimizer and (self.zero_stage or 0) < 1:
+            raise ValueError("distributed.offload_optimizer needs distributed.zero_stage >= 1")
+        return self
+
+    @property
+    def stage(self) -> int:
+        """ZeRO stage in effect: 0 under DDP, 2 when DeepSpeed is chosen without a stage."""
+        if self.backend == "ddp":
+            return 0
+        return 2 if self.zero_stage is None else self.zero_stage
+
+
+def _shell_safe(value: str, key: str) -> str:
+    if not SAFE_SHELL_WORD.match(value):
+        raise ValueError(f"slurm.{key}={value!r} holds characters that a shell would interpret "
+                         "(only letters, digits and _.,:=@%+/-[] are allowed)")
+    return value
+
+
+class SlurmSpec(_Section):
+    job_name: str = "distsft"
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time_min: int = Field(60, ge=1)
+    constraint: str | None = None
+    mem_gb: int | None = Field(None, ge=1)
+    cpus_per_task: int | None = Field(None, ge=1)
+    # The only spec value that runs as shell: lines run before training (module load, conda activate).
+    setup: list[str] = Field(default_factory=list)
+    max_requeues: int = Field(3, ge=0)
+    signal_delay_s: int = Field(120, ge=0)
+    additional_parameters: dict[str, str | int | bool] = Field(default_factory=dict)
+
+    @field_validator("job_name", "partition", "account", "qos", "constraint")
+    @classmethod
+    def _safe(cls, v: str | None, info: Any) -> str | None:
+        return None if v is None else _shell_safe(v, info.field_name)
+
+    @field_validator("additional_parameters")
+    @classmethod
+    def _safe_extra(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for k, val in v.items():
+            if not re.match(r"^[a-z][a-z0-9_]*$", k):
+                raise ValueError(f"slurm.additional_parameters key {k!r} is not an sbatch option name "
+                                 "(lower case letters, digits and _, e.g. mail_type)")
+            if isinstance(val, str):
+                _shell_safe(val, f"additional_parameters.{k}")
+        return v
+
+
+REPORTERS = Literal["jsonl", "tensorboard", "wandb"]
+
+
+class LoggingSpec(_Section):
+    report_to: list[REPORTERS] = Field(default_factory=lambda: ["jsonl"])  # type: ignore[valid-type]
+    logging_steps: int = Field(10, ge=1)
+    generation_steps: int | None = Field(None, ge=1)
+    generation_prompts: list[str] = Field(default_factory=list)
+    generation_max_new_tokens: int = Field(32, ge=1)
+    wandb_project: str | None = None
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        v = [v] if isinstance(v, str) else v
+        v = [x for x in v if x != "none"]
+        return v if "jsonl" in v else ["jsonl", *v]
+
+
+class CheckpointSpec(_Section):
+    save_steps: int | None = Field(500, ge=1)
+    save_total_limit: int | None = Field(2, ge=1)
+    resume: str = "auto"  # auto | never | PATH to a checkpoint directory
+    save_merged: bool = False
+    load_best_at_end: bool = False
+    early_stopping_patience: int | None = Field(None, ge=1)
+
+
+class RunSpec(_Section):
+    model: ModelSpec
+    data: DataSpec
+    peft: PeftSpec = Field(default_factory=PeftSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    distributed: DistributedSpec = Field(default_factory=DistributedSpec)
+    slurm: SlurmSpec = Field(default_factory=SlurmSpec)
+    logging: LoggingSpec = Field(default_factory=LoggingSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    output_dir: str = "outputs/run"
+
+    @model_validator(mode="after")
+    def _defaults(self) -> "RunSpec":
+        if self.train.learning_rate is None:
+            self.train.learning_rate = 2e-5 if self.peft.method == "none" else 1e-4
+        if self.peft.method == "qlora" and self.distributed.stage == 3:
+            raise ValueError("peft.method=qlora with distributed.zero_stage=3 is not supported "
+                             "(4-bit weights cannot be partitioned by ZeRO-3); use zero_stage 0-2")
+        if self.peft.method == "qlora" and self.train.fp16:
+            raise ValueError("peft.method=qlora computes in bf16; set train.fp16: false")
+        if self.checkpoint.load_best_at_end and not (self.data.eval_files and self.train.eval_steps):
+            raise ValueError("checkpoint.load_best_at_end needs data.eval_files and train.eval_steps")
+        if self.logging.generation_steps and not self.logging.generation_prompts:
+            raise ValueError("logging.generation_steps needs logging.generation_prompts")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# --------------------------------------------------------------------------- loading and errors
+
+def _line_index(text: str) -> dict[tuple[str, ...], int]:
+    """Map each key path in a YAML document to its 1-based line, for error messages."""
+    index: dict[tuple[str, ...], int] = {}
+
+    def walk(node: Any, path: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = path + (str(k.value),)
+                index[key] = k.start_mark.line + 1
+                walk(v, key)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                index[path + (str(i),)] = v.start_mark.line + 1
+                walk(v, path + (str(i),))
+
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return index
+    walk(root, ())
+    return index
+
+
+def _format_errors(err: ValidationError, lines: dict[tuple[str, ...], int], source: str,
+                   overridden: set[tuple[str, ...]]) -> str:
+    msgs = []
+    for e in err.errors():
+        loc = tuple(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
+        # Literal/union branches add the branch name to the location; keep the user's key path.
+        loc = tuple(p for p in loc if not p.startswith(("literal[", "list[", "str", "int", "bool")))
+        dotted = ".".join(loc) or "(spec)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see README for the keys of each section)"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        where = ""
+        for n in range(len(loc), 0, -1):
+            if loc[:n] in overridden:
+                where = " (from a command-line override)"
+                break
+            if loc[:n] in lines:
+                where = f" ({source}, line {lines[loc[:n]]})"
+                break
+        if "input" in e and e["type"] not in ("missing", "extra_forbidden") and not isinstance(
+                e["input"], (dict, list)):
+            msg += f"; got {e['input']!r}"
+        msgs.append(f"{dotted}: {msg}{where}" if dotted not in msg else f"{msg}{where}")
+    return "invalid run spec:\n  " + "\n  ".join(msgs)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> set[tuple[str, ...]]:
+    """Apply `a.b=value` overrides in place; values are parsed as YAML and typed by the schema."""
+    touched: set[tuple[str, ...]] = set()
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$", key):
+            raise SpecError(f"override {item!r} is not of the form section.key=value "
+                            "(e.g. train.learning_rate=1e-5 or output_dir=runs/try2)")
+        path = key.split(".")
+        node = raw
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise SpecError(f"override {item!r}: {part} is not a section")
+            node = child
+        try:
+            node[path[-1]] = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError:
+            node[path[-1]] = value
+        touched.add(tuple(path))
+    return touched
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None,
+              nodes: int | None = None, gpus: int | None = None) -> RunSpec:
+    """Read, override and validate a spec. `nodes`/`gpus` override `distributed` (CLI flags)."""
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"spec file not found: {p}")
+    text = p.read_text()
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SpecError(f"{p}: invalid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise SpecError(f"{p}: the spec must be a mapping of sections (model:, data:, train:, ...)")
+    touched = apply_overrides(raw, list(overrides or []))
+    dist = raw.setdefault("distributed", {}) if (nodes or gpus) else None
+    if isinstance(dist, dict):
+        if nodes:
+            dist["nodes"] = nodes
+            touched.add(("distributed", "nodes"))
+        if gpus:
+            dist["gpus_per_node"] = gpus
+            touched.add(("distributed", "gpus_per_node"))
+    return validate(raw, source=str(p), lines=_line_index(text), overridden=touched)
+
+
+def validate(raw: dict[str, Any], source: str = "spec", lines: dict[tuple[str, ...], int] | None = None,
+             overridden: set[tuple[str, ...]] | None = None) -> RunSpec:
+    try:
+        return RunSpec.model_validate(raw)
+    except ValidationError as err:
+        raise SpecError(_format_errors(err, lines or {}, source, overridden or set())) from None
+
+
+def dump_spec(spec: RunSpec, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
