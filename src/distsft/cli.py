@@ -1,0 +1,203 @@
+"""The `distsft` command: plan, render, run, submit, sanity.
+
+Every user-caused error (spec, data, command line) ends in one message and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .spec import SpecError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="One YAML run spec to a supervised fine-tuning job: locally or on SLURM.")
+err = Console(stderr=True)
+
+OVERRIDES = typer.Argument(None, help="overrides as section.key=value, e.g. train.learning_rate=1e-5",
+                           show_default=False)
+NODES = typer.Option(None, "--nodes", min=1, help="number of nodes (overrides distributed.nodes)")
+GPUS = typer.Option(None, "--gpus", min=1, help="GPUs (or CPU processes) per node (overrides distributed.gpus_per_node)")
+
+
+def _fail(msg: str) -> None:
+    err.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _data_stats(spec: Any) -> tuple[dict[str, Any] | None, str | None]:
+    """Tokenize and pack the training data for the plan when it can be read; otherwise say why."""
+    try:
+        from .job import _configure_logging, prepare_split
+        from .model import load_tokenizer
+        from . import dist
+        _configure_logging(dist.env())
+        return prepare_split(spec, load_tokenizer(spec), "train")[1], None
+    except SpecError as exc:
+        return None, str(exc)
+
+
+@app.command()
+def plan(spec_path: Path = typer.Argument(..., metavar="SPEC"), overrides: Optional[list[str]] = OVERRIDES,
+         nodes: Optional[int] = NODES, gpus: Optional[int] = GPUS,
+         as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+         no_data: bool = typer.Option(False, "--no-data", help="skip reading the data")) -> None:
+    """Validate the spec and show the plan: batch arithmetic, data, steps, memory."""
+    from .plan import make_plan
+    from .spec import load_spec
+    try:
+        spec = load_spec(spec_path, overrides, nodes=nodes, gpus=gpus)
+        make_plan(spec)  # batch errors first, before touching data
+        stats, why = (None, "skipped (--no-data)") if no_data else _data_stats(spec)
+        p = make_plan(spec, stats)
+    except SpecError as exc:
+        _fail(str(exc))
+        return
+    from .memory import estimate
+    mem = estimate(spec, p)
+    if mem:
+        p.num_parameters = mem.get("num_parameters")
+        p.memory_gb_per_gpu = mem.get("per_stage_gb", {})
+    plots = _plots(spec, p, stats)
+    if as_json:
+        d = p.to_dict()
+        d["memory"] = mem
+        d["data_note"] = why
+        d["plots"] = plots
+        typer.echo(json.dumps(d, indent=1, default=str))
+        return
+    _print_plan(spec, p, mem, why, plots)
+
+
+def _plots(spec: Any, p: Any, stats: dict[str, Any] | None) -> list[str]:
+    try:
+        from .plots import plan_plots
+    except ImportError:
+        return []
+    return [str(x) for x in plan_plots(spec, p, stats)]
+
+
+def _print_plan(spec: Any, p: Any, mem: dict[str, Any] | None, why: str | None, plots: list[str]) -> None:
+    out = Console()
+    t = Table(title=f"distsft plan — {spec.model.name_or_path}", show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column()
+    fmt = lambda v: "—" if v is None else (f"{v:,}" if isinstance(v, int) else str(v))  # noqa: E731
+    rows = [
+        ("world", f"{p.nodes} node(s) × {p.gpus_per_node} GPU(s) = {p.world_size}"),
+        ("backend", p.backend + (f" ZeRO-{p.zero_stage}" if p.backend == "deepspeed" else "")
+         + (" + offload optimizer" if spec.distributed.offload_optimizer else "")
+         + (" + offload params" if spec.distributed.offload_params else "")),
+        ("global batch", f"{p.global_batch_size} = {p.per_device_train_batch_size} (micro) × "
+                         f"{p.gradient_accumulation_steps} (accum) × {p.world_size} (GPUs)"),
+        ("learning rate", f"{p.learning_rate:g} ({spec.train.lr_scheduler_type}, warmup {spec.train.warmup_ratio})"),
+        ("peft", spec.peft.method),
+        ("examples", fmt(p.num_examples)), ("tokens", fmt(p.num_tokens)),
+        ("packed rows", fmt(p.num_packed_rows) + (f"  (efficiency {p.packing_efficiency:.2%})"
+                                                   if p.packing_efficiency is not None else "")),
+        ("steps / epoch", fmt(p.steps_per_epoch)), ("total steps", fmt(p.total_steps)),
+        ("warmup steps", fmt(p.warmup_steps)),
+    ]
+    if mem:
+        rows.append(("parameters", f"{mem['num_parameters']:,} ({mem.get('trainable_parameters', 0):,} trainable)"))
+        rows.append(("memory / GPU", f"~{mem['total_gb']:.1f} GB (estimate; model states "
+                                     f"{mem['model_states_gb']:.1f} + activations {mem['activations_gb']:.1f})"))
+        for label, gb in mem.get("per_stage_gb", {}).items():
+            rows.append(("", f"{label}: {gb:.1f} GB"))
+    for k, v in rows:
+        t.add_row(k, v)
+    out.print(t)
+    if why:
+        out.print(f"[yellow]data not read:[/] {why}", soft_wrap=True)
+    for w in p.warnings:
+        out.print(f"[yellow]warning:[/] {w}", soft_wrap=True)
+    for f in plots:
+        out.print(f"plot: {f}")
+
+
+@app.command()
+def render(spec_path: Path = typer.Argument(..., metavar="SPEC"), overrides: Optional[list[str]] = OVERRIDES,
+           nodes: Optional[int] = NODES, gpus: Optional[int] = GPUS,
+           out: Path = typer.Option(..., "--out", help="directory for run.yaml, accelerate.yaml, deepspeed.json")) -> None:
+    """Write the resolved spec and the Accelerate/DeepSpeed configs."""
+    from .model import cuda_info
+    from .plan import make_plan
+    from .render import write_run_dir
+    from .spec import load_spec
+    try:
+        spec = load_spec(spec_path, overrides, nodes=nodes, gpus=gpus)
+        make_plan(spec)
+        cuda, bf16_ok, _ = cuda_info()
+        paths = write_run_dir(spec, out, cuda=cuda, bf16_supported=bf16_ok)
+    except SpecError as exc:
+        _fail(str(exc))
+        return
+    for p in paths.values():
+        typer.echo(str(p))
+
+
+@app.command(context_settings={"allow_extra_args": False})
+def run(spec_path: Path = typer.Argument(..., metavar="SPEC"), overrides: Optional[list[str]] = OVERRIDES,
+        gpus: Optional[int] = GPUS) -> None:
+    """Train on this machine (accelerate launch); CPU processes over gloo when there is no CUDA.
+    Rerunning the same command resumes from the newest complete checkpoint."""
+    from .launcher import run as run_local
+    try:
+        code = run_local(str(spec_path), overrides or [], gpus)
+    except SpecError as exc:
+        _fail(str(exc))
+        return
+    raise typer.Exit(code)
+
+
+@app.command()
+def submit(spec_path: Path = typer.Argument(..., metavar="SPEC"), overrides: Optional[list[str]] = OVERRIDES,
+           nodes: Optional[int] = NODES, gpus: Optional[int] = GPUS,
+           partition: Optional[str] = typer.Option(None, "--partition"),
+           account: Optional[str] = typer.Option(None, "--account"),
+           qos: Optional[str] = typer.Option(None, "--qos"),
+           time_min: Optional[int] = typer.Option(None, "--time", min=1, help="time limit in minutes"),
+           constraint: Optional[str] = typer.Option(None, "--constraint"),
+           wait: bool = typer.Option(False, "--wait", help="follow rank 0's log; exit with the job's outcome"),
+           dry_run: bool = typer.Option(False, "--dry-run", help="print the sbatch script and command only")) -> None:
+    """Submit to SLURM through submitit (validated and planned first)."""
+    from .slurm import submit as submit_job
+    extra = [f"slurm.{k}={v}" for k, v in (("partition", partition), ("account", account), ("qos", qos),
+                                            ("time_min", time_min), ("constraint", constraint)) if v is not None]
+    try:
+        code = submit_job(str(spec_path), (overrides or []) + extra, nodes=nodes, gpus=gpus, wait=wait,
+                          dry_run=dry_run)
+    except SpecError as exc:
+        _fail(str(exc))
+        return
+    raise typer.Exit(code)
+
+
+@app.command()
+def sanity(spec_path: Path = typer.Argument(..., metavar="SPEC"), overrides: Optional[list[str]] = OVERRIDES,
+           gpus: Optional[int] = GPUS) -> None:
+    """10–20 steps on a small subset: masking, falling loss, generation. PASS/WARN lines; exit 0 or 1."""
+    from .sanity import run_sanity
+    try:
+        code = run_sanity(str(spec_path), overrides or [], gpus)
+    except SpecError as exc:
+        _fail(str(exc))
+        return
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

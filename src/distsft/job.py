@@ -1,0 +1,238 @@
+"""What every rank runs: resolved run.yaml → data, model, TRL SFTTrainer → outputs.
+
+Exit codes: 0 done; 2 bad spec/data (one message); 75 stopped on a signal after a complete checkpoint
+(rerun the same command to resume); 1 anything else (a NaN/inf loss included, with advice).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from . import checkpoint, dist
+from .checkpoint import EXIT_PREEMPTED
+from .spec import RunSpec, SpecError, load_spec
+
+DEFAULT_CACHE = Path(os.environ.get("DISTSFT_CACHE_DIR", Path.home() / ".cache" / "distsft" / "data"))
+
+
+def cache_root(spec: RunSpec) -> Path:
+    return Path(spec.data.cache_dir) if spec.data.cache_dir else DEFAULT_CACHE
+
+
+def prepare_split(spec: RunSpec, tokenizer: Any, split: str) -> tuple[Any, dict[str, Any]]:
+    """Tokenize + mask + pack once per job: rank 0 builds the Arrow cache, the others wait and memory-map
+    it. Without a shared file system, each node's first rank builds its own copy."""
+    from . import data
+    e, root = dist.env(), cache_root(spec)
+    key = data.cache_key(spec, tokenizer, split)
+    if e.is_main and data.load_cached(root, key) is None:
+        data.build(spec, tokenizer, split, root)
+    dist.barrier()
+    found = data.load_cached(root, key)
+    if found is None and e.is_local_main:
+        found = data.build(spec, tokenizer, split, root)
+    dist.barrier()
+    return found if found is not None else data.load_cached(root, key)
+
+
+def _configure_logging(e: dist.DistEnv) -> None:
+    import transformers
+    import datasets
+    if not e.is_main:
+        # Other ranks print only warnings and errors (prefixed by dist.warn).
+        transformers.logging.set_verbosity_error()
+        datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def run(run_yaml: str) -> int:
+    e = dist.env()
+    try:
+        spec = load_spec(run_yaml)
+        return _train(spec)
+    except SpecError as exc:
+        dist.warn(f"error: {exc}")
+        return 2
+    except KeyboardInterrupt:
+        dist.warn("interrupted")
+        return 130
+    except Exception:  # noqa: BLE001 - the last word from a rank must say which rank failed
+        dist.warn(f"rank {e.rank} failed:\n{traceback.format_exc()}")
+        return 1
+
+
+def _train(spec: RunSpec) -> int:
+    import torch
+    from trl import SFTConfig
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from . import model as model_lib
+    from .collate import PackedCollator
+    from .metrics import MetricsWriter
+    from .plan import batch_for, steps as plan_steps, warmup_steps
+    from .progress import Progress
+    from .render import render_deepspeed, resolve_precision
+    from .sampler import GlobalOrder
+    from .trainer import DistSFTTrainer, PreemptionCallback, RunContext, SinkCallback
+
+    e = dist.env()
+    _configure_logging(e)
+    flag = checkpoint.PreemptionFlag().install()
+    out = Path(spec.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lock = checkpoint.OutputLock(out)
+    if e.is_main and not os.environ.get("DISTSFT_LOCK_HELD"):
+        lock.acquire()
+
+    cuda, bf16_ok, _ = model_lib.cuda_info()
+    precision = resolve_precision(spec, cuda, bf16_ok)
+    attn = model_lib.choose_attn(spec.model.attn_implementation)
+    batch = batch_for(spec, world_size=e.world_size)
+    t = spec.train
+    resume = checkpoint.resolve_resume(spec.checkpoint.resume, out)
+    if resume is not None:
+        _check_resume_compatible(checkpoint.read_marker(resume), spec, batch, e)
+
+    args = SFTConfig(
+        output_dir=str(out), per_device_train_batch_size=batch.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size or batch.per_device_train_batch_size,
+        gradient_accumulation_steps=batch.gradient_accumulation_steps, learning_rate=float(t.learning_rate),
+        lr_scheduler_type=t.lr_scheduler_type, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
+        seed=t.seed, data_seed=t.seed, bf16=precision == "bf16", fp16=precision == "fp16",
+        gradient_checkpointing=t.gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False},
+        logging_steps=spec.logging.logging_steps, report_to="none", disable_tqdm=True,
+        save_strategy="steps" if spec.checkpoint.save_steps else "no", save_steps=spec.checkpoint.save_steps or 500,
+        save_total_limit=None,  # distsft rotates, and never removes the newest complete checkpoint
+        eval_strategy="steps" if (t.eval_steps and spec.data.eval_files) else "no", eval_steps=t.eval_steps,
+        load_best_model_at_end=spec.checkpoint.load_best_at_end, metric_for_best_model="eval_loss",
+        greater_is_better=False, ignore_data_skip=True, remove_unused_columns=False, packing=False,
+        dataset_kwargs={"skip_prepare_dataset": True}, average_tokens_across_devices=True,
+        use_cpu=not cuda, ddp_backend=None if cuda else "gloo", ddp_find_unused_parameters=False,
+        deepspeed=render_deepspeed(spec, batch, precision) if spec.distributed.backend == "deepspeed" else None,
+        dataloader_num_workers=0, max_length=spec.data.max_length, save_only_model=False,
+    )
+    device = args.device  # initialises the process group (gloo on CPU, NCCL on GPU, DeepSpeed's)
+    dist.print0(f"distsft: world size {e.world_size} ({e.num_nodes} node(s)), "
+                f"{'GPU' if cuda else 'CPU'} {precision}, attention {attn}, backend {spec.distributed.backend}"
+                f"{' ZeRO-' + str(spec.distributed.stage) if spec.distributed.backend == 'deepspeed' else ''}, "
+                f"global batch {batch.global_batch_size} = {batch.per_device_train_batch_size} × "
+                f"{batch.gradient_accumulation_steps} × {e.world_size}")
+
+    tokenizer = model_lib.load_tokenizer(spec)
+    train_ds, stats = prepare_split(spec, tokenizer, "train")
+    eval_ds = prepare_split(spec, tokenizer, "eval")[0] if spec.data.eval_files else None
+    steps_per_epoch, total = plan_steps(stats["num_rows"], batch.global_batch_size, t.num_train_epochs, t.max_steps)
+    args.max_steps = total
+    args.warmup_steps = warmup_steps(total, t.warmup_ratio)
+    order = GlobalOrder(stats["num_rows"], batch.global_batch_size, t.seed)
+
+    resume_step = int(checkpoint.read_marker(resume)["step"]) if resume else 0
+    writer = progress = None
+    if e.is_main:
+        writer = MetricsWriter(out, spec.logging.report_to, resume_step, spec=spec)
+        _record_start(out, e, spec, batch, stats, resume)
+    progress = Progress(total, enabled=e.is_main)
+    ctx = RunContext(order=order, micro=batch.per_device_train_batch_size, accum=batch.gradient_accumulation_steps,
+                     total_steps=total, eval_batch=args.per_device_eval_batch_size,
+                     save_total_limit=spec.checkpoint.save_total_limit, flag=flag, writer=writer,
+                     marker_info={"global_batch_size": batch.global_batch_size, "seed": t.seed,
+                                  "num_rows": stats["num_rows"], "backend": spec.distributed.backend,
+                                  "zero_stage": spec.distributed.stage})
+
+    model = model_lib.load_model(spec, precision, attn, device)
+    packed = PackedCollator(tokenizer.pad_token_id, attn)
+
+    def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        b = packed(rows)
+        b["num_real_tokens"] = sum(int(sum(r["seq_lengths"])) for r in rows)
+        return b
+
+    trainer = DistSFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                             processing_class=tokenizer, data_collator=collate, ctx=ctx,
+                             callbacks=[PreemptionCallback(ctx, device), SinkCallback(ctx, progress)])
+    for cb in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(cb)
+    dist.print0(f"data: {stats['num_examples']} examples, {stats['num_tokens']} tokens in {stats['num_rows']} rows "
+                f"(packing efficiency {stats['packing_efficiency']:.1%}); {steps_per_epoch} steps/epoch, "
+                f"{total} steps" + (f"; resuming from {resume.name}" if resume else ""))
+    started = time.time()
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    progress.close()
+
+    if ctx.preempted:
+        if e.is_main:
+            (out / checkpoint.PREEMPTED).write_text(f"step {trainer.state.global_step}\n")
+        dist.print0(f"stopped on a signal after saving checkpoint-{trainer.state.global_step}; "
+                    "rerun the same command to resume")
+        _close(writer, lock)
+        return EXIT_PREEMPTED
+    trainer.save_model(str(out))  # adapter (LoRA/QLoRA) or full model; the tokenizer goes with it
+    if e.is_main:
+        (out / checkpoint.PREEMPTED).unlink(missing_ok=True)
+        if spec.checkpoint.save_merged and spec.peft.method != "none":
+            model_lib.save_merged(str(out), str(out / "merged"), torch.bfloat16 if precision == "bf16" else torch.float32)
+        _summary(out, ctx.history, started, spec)
+    dist.barrier()
+    _close(writer, lock)
+    return 0
+
+
+def _check_resume_compatible(marker: dict[str, Any], spec: RunSpec, batch: Any, e: dist.DistEnv) -> None:
+    if marker.get("global_batch_size") != batch.global_batch_size:
+        raise SpecError(
+            f"the checkpoint was trained with global batch {marker.get('global_batch_size')} but this run "
+            f"plans {batch.global_batch_size}; set train.global_batch_size={marker.get('global_batch_size')} "
+            "(accumulation is re-derived for the new GPU count) or checkpoint.resume=never")
+    if marker.get("seed") != spec.train.seed:
+        raise SpecError(f"the checkpoint used train.seed={marker.get('seed')}; resuming with seed "
+                        f"{spec.train.seed} would change the data order")
+    if spec.distributed.backend == "deepspeed" and marker.get("world_size") != e.world_size:
+        raise SpecError(
+            f"this DeepSpeed checkpoint was written by {marker.get('world_size')} processes; resuming on "
+            f"{e.world_size} needs DeepSpeed's universal checkpoint conversion, which distsft does not do yet: "
+            f"resume with {marker.get('world_size')} processes, or use backend ddp")
+
+
+def _record_start(out: Path, e: dist.DistEnv, spec: RunSpec, batch: Any, stats: dict[str, Any],
+                  resume: Path | None) -> None:
+    rec = dict(e.record(), time=time.time(), pid=os.getpid(), writer_rank=e.rank,
+               global_batch_size=batch.global_batch_size, gradient_accumulation_steps=batch.gradient_accumulation_steps,
+               resumed_from=resume.name if resume else None, num_rows=stats["num_rows"])
+    with open(out / "run_record.jsonl", "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def _summary(out: Path, history: list[dict[str, Any]], started: float, spec: RunSpec) -> None:
+    train = [h for h in history if "loss" in h]
+    evals = [h for h in history if "eval_loss" in h]
+    tps = [h["tokens_per_second"] for h in train if h.get("tokens_per_second")]
+    lines = ["", "run complete",
+             f"  steps            {train[-1]['step'] if train else 0}",
+             f"  loss             {train[0]['loss']:.4f} (first) → {train[-1]['loss']:.4f} (last)" if train else "",
+             f"  eval loss        {evals[-1]['eval_loss']:.4f}" if evals else "",
+             f"  tokens/s         {sum(tps) / len(tps):,.0f} (mean over logging steps)" if tps else "",
+             f"  wall time        {time.time() - started:,.1f} s",
+             f"  outputs          {out}/ ({'adapter' if spec.peft.method != 'none' else 'model'}, tokenizer, "
+             "metrics.jsonl, checkpoints)"]
+    print("\n".join(line for line in lines if line), flush=True)
+
+
+def _close(writer: Any, lock: checkpoint.OutputLock) -> None:
+    if writer is not None:
+        writer.close()
+    lock.release()
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: train.py RUN_DIR/run.yaml", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(run(argv[0]))

@@ -1,0 +1,146 @@
+"""`distsft run`: resolve and render into output_dir, prepare the data once, then `accelerate launch`
+the ranks on this machine, forwarding preemption signals to them and exiting with the training's code.
+
+The launcher starts accelerate in its own session so a terminal's Ctrl-C reaches only this process,
+which forwards it to the ranks (not to torchrun's agent, which would kill them before they save).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from . import checkpoint
+from .checkpoint import EXIT_PREEMPTED, PREEMPT_SIGNALS
+from .spec import RunSpec, SpecError, load_spec
+
+ENTRY_MODULE = "distsft.train_entry"
+
+
+def prepare(spec: RunSpec, cuda: bool) -> dict[str, Any]:
+    """Everything that can fail on bad input, done once here so it fails before any rank starts (exit 2);
+    it also leaves the tokenized, packed data in the cache for the ranks to memory-map."""
+    from . import model as model_lib
+    from .job import _configure_logging, prepare_split
+    from . import dist
+    _configure_logging(dist.env())
+    model_lib.choose_attn(spec.model.attn_implementation)
+    if spec.peft.method == "qlora":
+        import torch
+        model_lib.check_qlora_runs(torch.device("cuda" if cuda else "cpu"))
+    tokenizer = model_lib.load_tokenizer(spec)
+    _, stats = prepare_split(spec, tokenizer, "train")
+    if spec.data.eval_files:
+        prepare_split(spec, tokenizer, "eval")
+    return stats
+
+
+def _rank_processes(child: subprocess.Popen) -> list[psutil.Process]:
+    try:
+        procs = psutil.Process(child.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    out = []
+    for p in procs:
+        try:
+            if ENTRY_MODULE in " ".join(p.cmdline()):
+                out.append(p)
+        except psutil.Error:
+            continue
+    return out
+
+
+class SignalForwarder:
+    """Forward TERM/INT/USR1/USR2 to the rank processes, which checkpoint at the next step and exit."""
+
+    def __init__(self, child: subprocess.Popen):
+        self.child, self.count = child, 0
+
+    def __enter__(self) -> "SignalForwarder":
+        self._old = {s: signal.signal(s, self._forward) for s in PREEMPT_SIGNALS}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+    def _forward(self, signum: int, frame: Any) -> None:
+        self.count += 1
+        ranks = _rank_processes(self.child)
+        name = signal.Signals(signum).name
+        if not ranks or self.count > 2:
+            # Nothing to save yet (ranks not started), or asked three times: stop everything now.
+            print(f"distsft: {name}: stopping all processes", file=sys.stderr, flush=True)
+            os.killpg(self.child.pid, signal.SIGKILL if self.count > 2 else signal.SIGTERM)
+            return
+        print(f"distsft: {name}: asking {len(ranks)} rank(s) to save a checkpoint and stop "
+              f"(send it twice more to kill)", file=sys.stderr, flush=True)
+        for p in ranks:
+            try:
+                p.send_signal(signum)
+            except psutil.Error:
+                pass
+
+
+def launch(run_yaml: Path, accelerate_yaml: Path, output_dir: Path) -> int:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_yaml),
+           "-m", ENTRY_MODULE, str(run_yaml)]
+    env = dict(os.environ, DISTSFT_LOCK_HELD="1", PYTHONUNBUFFERED="1")
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, _num_processes(accelerate_yaml)))))
+    (output_dir / checkpoint.PREEMPTED).unlink(missing_ok=True)
+    child = subprocess.Popen(cmd, env=env, start_new_session=True)
+    with SignalForwarder(child):
+        while True:
+            try:
+                rc = child.wait()
+                break
+            except InterruptedError:
+                continue
+    if (output_dir / checkpoint.PREEMPTED).exists():
+        print(f"distsft: preempted; the newest complete checkpoint is in {output_dir}. "
+              f"Rerun the same command to resume (exit code {EXIT_PREEMPTED}).", flush=True)
+        return EXIT_PREEMPTED
+    if rc != 0:
+        print(f"distsft: training failed with exit code {rc}; see the rank messages above", file=sys.stderr)
+    return rc if rc >= 0 else 128 - rc
+
+
+def _num_processes(accelerate_yaml: Path) -> int:
+    import yaml
+    return int((yaml.safe_load(accelerate_yaml.read_text()) or {}).get("num_processes", 1))
+
+
+def run(spec_path: str, overrides: list[str], gpus: int | None) -> int:
+    from .model import cuda_info
+    from .plan import make_plan
+    from .render import write_run_dir
+    started = time.perf_counter()
+    spec = load_spec(spec_path, overrides, gpus=gpus)
+    if spec.distributed.nodes != 1:
+        print(f"distsft run uses this machine only: distributed.nodes {spec.distributed.nodes} → 1 "
+              "(use distsft submit for several nodes)")
+        spec.distributed.nodes = 1
+    cuda, bf16_ok, _ = cuda_info()
+    n = spec.distributed.gpus_per_node
+    if not cuda:
+        print(f"distsft: no CUDA device: starting {n} CPU process{'es' if n > 1 else ''} over gloo")
+    elif n > (count := __import__("torch").cuda.device_count()):
+        raise SpecError(f"--gpus {n} but this machine has {count} CUDA device(s)")
+    out = Path(spec.output_dir)
+    lock = checkpoint.OutputLock(out)
+    lock.acquire()
+    try:
+        make_plan(spec)  # batch arithmetic errors (exit 2) before anything is written
+        paths = write_run_dir(spec, out, cuda=cuda, bf16_supported=bf16_ok)
+        prepare(spec, cuda)
+        print(f"distsft: run dir {out} ready in {time.perf_counter() - started:.1f} s; launching", flush=True)
+        return launch(paths["run.yaml"], paths["accelerate.yaml"], out)
+    finally:
+        lock.release()

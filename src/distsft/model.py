@@ -1,0 +1,105 @@
+"""Model and tokenizer loading: attention backend, dtype, full / LoRA / QLoRA, gradient checkpointing."""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+import torch
+
+from .spec import RunSpec, SpecError
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def cuda_info() -> tuple[bool, bool, int]:
+    """(cuda available, bf16 supported, compute capability major)."""
+    if not torch.cuda.is_available():
+        return False, False, 0
+    major, _ = torch.cuda.get_device_capability()
+    return True, torch.cuda.is_bf16_supported(), major
+
+
+def choose_attn(requested: str) -> str:
+    """auto: flash_attention_2 on CUDA sm80+ when flash-attn imports, else sdpa."""
+    cuda, _, major = cuda_info()
+    has_fa = importlib.util.find_spec("flash_attn") is not None
+    if requested == "flash_attention_2" and not (cuda and has_fa):
+        why = "no CUDA device" if not cuda else "the flash-attn package is not installed (pip install 'distsft[gpu]')"
+        raise SpecError(f"model.attn_implementation=flash_attention_2 cannot run here: {why}; "
+                        "use auto or sdpa")
+    if requested != "auto":
+        return requested
+    return "flash_attention_2" if cuda and major >= 8 and has_fa else "sdpa"
+
+
+def weights_dtype(spec: RunSpec, precision: str) -> torch.dtype:
+    """auto: fp32 weights for full fine-tuning (the optimizer keeps fp32 masters under autocast),
+    half precision for a frozen LoRA/QLoRA base or under DeepSpeed (which keeps its own fp32 copy)."""
+    if spec.model.torch_dtype != "auto":
+        return _DTYPES[spec.model.torch_dtype]
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if half is not None and (spec.peft.method != "none" or spec.distributed.backend == "deepspeed"):
+        return half
+    return torch.float32
+
+
+def load_tokenizer(spec: RunSpec) -> Any:
+    from transformers import AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(spec.model.name_or_path,
+                                            trust_remote_code=spec.model.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise SpecError(f"model.name_or_path: cannot load a tokenizer from {spec.model.name_or_path!r}: "
+                        f"{str(exc).splitlines()[0]}") from None
+    if tok.pad_token is None:
+        # Padding positions carry label -100 and are masked, so any token id serves.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def check_qlora_runs(device: torch.device) -> None:
+    """Fail early and clearly when bitsandbytes cannot quantize on this device."""
+    try:
+        import bitsandbytes.functional as bnbf
+        bnbf.quantize_4bit(torch.ones(64, 64, dtype=torch.bfloat16, device=device), quant_type="nf4")
+    except Exception as exc:  # noqa: BLE001 - any failure means the same thing to the user
+        raise SpecError(f"peft.method=qlora: bitsandbytes cannot run 4-bit quantization on {device}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+
+
+def load_model(spec: RunSpec, precision: str, attn: str, device: torch.device) -> Any:
+    from transformers import AutoModelForCausalLM
+    kwargs: dict[str, Any] = {"attn_implementation": attn, "dtype": weights_dtype(spec, precision),
+                              "trust_remote_code": spec.model.trust_remote_code}
+    if spec.peft.method == "qlora":
+        from transformers import BitsAndBytesConfig
+        check_qlora_runs(device)
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
+        kwargs["dtype"] = torch.bfloat16
+        kwargs["device_map"] = {"": device}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(spec.model.name_or_path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise SpecError(f"model.name_or_path: cannot load {spec.model.name_or_path!r}: "
+                        f"{str(exc).splitlines()[0]}") from None
+    if spec.peft.method == "none":
+        return model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    if spec.peft.method == "qlora":
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=spec.train.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora = LoraConfig(r=spec.peft.r, lora_alpha=spec.peft.lora_alpha, lora_dropout=spec.peft.lora_dropout,
+                      target_modules=spec.peft.target_modules, task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def save_merged(adapter_dir: str, out_dir: str, dtype: torch.dtype) -> None:
+    """Merge a LoRA adapter into a full-precision copy of its base (works for QLoRA too, and after
+    ZeRO-3, because it starts from the saved adapter, not from the sharded training model)."""
+    from peft import AutoPeftModelForCausalLM
+    model = AutoPeftModelForCausalLM.from_pretrained(adapter_dir, dtype=dtype)
+    model.merge_and_unload().save_pretrained(out_dir)

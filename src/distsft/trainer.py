@@ -1,0 +1,191 @@
+"""TRL's SFTTrainer with distsft's data order, token-weighted loss reporting, token-weighted eval,
+complete-or-absent checkpoints and the per-step preemption agreement. It owns no training logic:
+forward/backward, optimizer, scheduler, DDP/DeepSpeed and checkpoint contents are TRL's and HF's."""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from transformers import TrainerCallback
+from trl import SFTTrainer
+
+from . import checkpoint, dist
+from .sampler import GlobalOrder, StepBatchSampler, eval_shards
+
+
+@dataclass
+class RunContext:
+    """What the trainer needs beyond TRL's arguments; built once in job.py."""
+    order: GlobalOrder
+    micro: int
+    accum: int
+    total_steps: int
+    eval_batch: int
+    save_total_limit: int | None
+    marker_info: dict[str, Any]
+    flag: checkpoint.PreemptionFlag
+    writer: Any = None  # metrics.MetricsWriter on rank 0, None elsewhere
+    preempted: bool = False
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB → GiB (Linux)
+
+
+class _StepLoader(DataLoader):
+    def set_epoch(self, epoch: int) -> None:
+        """The order is a function of the step (sampler.GlobalOrder); HF's epoch counter is not used."""
+
+
+class DistSFTTrainer(SFTTrainer):
+    def __init__(self, *args: Any, ctx: RunContext, **kwargs: Any):
+        self.ctx = ctx
+        super().__init__(*args, **kwargs)
+        self._window = torch.zeros(4, dtype=torch.float64)  # loss sum, loss tokens, real tokens, rows
+        self._window_start = time.perf_counter()
+        self._window_step = 0
+
+    # ------------------------------------------------------------------ data
+    def get_train_dataloader(self) -> DataLoader:
+        e = dist.env()
+        sampler = StepBatchSampler(self.ctx.order, self.ctx.micro, self.ctx.accum, e.world_size, e.rank,
+                                   self.ctx.total_steps, start_step=lambda: self.state.global_step)
+        return _StepLoader(self.train_dataset, batch_sampler=sampler, collate_fn=self.data_collator,
+                           num_workers=0, pin_memory=self.args.device.type == "cuda")
+
+    # ------------------------------------------------------------------ loss bookkeeping
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        real_tokens = inputs.pop("num_real_tokens", None)
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                   num_items_in_batch=num_items_in_batch)
+        if model.training and num_items_in_batch is not None:
+            loss = out[0] if return_outputs else out
+            n_local = int((inputs["labels"][..., 1:] != -100).sum())
+            # TRL returns sum(token losses) / global tokens × world; undo the scaling to get this
+            # micro-batch's own sum of token losses.
+            scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+            local_sum = float(loss.detach()) * float(num_items_in_batch) / scale
+            self._window += torch.tensor([local_sum, n_local, float(real_tokens or 0),
+                                          inputs["input_ids"].shape[0]], dtype=torch.float64)
+        return out
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            logs.update(self._reduce_window())
+        super().log(logs, start_time)
+
+    def _reduce_window(self) -> dict[str, float]:
+        """One collective per logging step: the global token-weighted loss and throughput figures."""
+        device = self.args.device
+        sums = dist.all_reduce(self._window.tolist(), "sum", device=device)
+        peak = dist.all_reduce([_peak_memory_gb(device)], "max", device=device)[0]
+        now = time.perf_counter()
+        steps = max(1, self.state.global_step - self._window_step)
+        elapsed = now - self._window_start
+        self._window.zero_()
+        self._window_start, self._window_step = now, self.state.global_step
+        loss_sum, loss_tokens, real_tokens, rows = sums
+        return {"loss": loss_sum / loss_tokens if loss_tokens else float("nan"),
+                "tokens": real_tokens / steps, "loss_tokens": loss_tokens / steps,
+                "tokens_per_second": real_tokens / elapsed if elapsed > 0 else 0.0,
+                "samples": rows / steps, "step_time": elapsed / steps, "peak_memory_gb": peak,
+                "epoch": self.ctx.order.epoch_of(self.state.global_step)}
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None,
+                 metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Token-weighted mean loss over the whole eval set, whatever the batch size, packing or process
+        count: every rank sums token losses over its rows, then one all-reduce."""
+        ds = self.eval_dataset if eval_dataset is None else eval_dataset
+        if ds is None:
+            return {}
+        e = dist.env()
+        model = self.model
+        was_training = model.training
+        model.eval()
+        total, count = 0.0, 0.0
+        shards = eval_shards(len(ds), self.ctx.eval_batch, e.world_size, e.rank)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            for rows in shards:
+                # A rank with no rows left still runs a forward on one row (weight 0), so that ZeRO-3's
+                # collective parameter gathers line up across ranks.
+                batch = self.data_collator([ds[i] for i in (rows or [0])])
+                batch.pop("num_real_tokens", None)
+                labels = batch.pop("labels")
+                batch = self._prepare_inputs(batch)
+                logits = model(**batch, use_cache=False).logits.float()
+                labels = labels.to(logits.device)[..., 1:]
+                token_loss = torch.nn.functional.cross_entropy(
+                    logits[..., :-1, :].reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                    ignore_index=-100, reduction="sum")
+                if rows:
+                    total += float(token_loss)
+                    count += float((labels != -100).sum())
+        model.train(was_training)
+        total, count = dist.all_reduce([total, count], "sum", device=self.args.device)
+        metrics = {f"{metric_key_prefix}_loss": total / count if count else float("nan"),
+                   f"{metric_key_prefix}_tokens": count}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)
+        # Every rank has written its shards (ZeRO) / RNG state; only now does the checkpoint count.
+        dist.barrier()
+        if self.is_world_process_zero():
+            path = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+            info = dict(self.ctx.marker_info, step=self.state.global_step,
+                        rows_consumed=self.state.global_step * self.ctx.order.global_batch,
+                        world_size=dist.env().world_size, time=time.time())
+            checkpoint.write_marker(path, info)
+            best = self.state.best_model_checkpoint
+            checkpoint.rotate(self.args.output_dir, self.ctx.save_total_limit,
+                              protect={Path(best)} if best else None)
+        dist.barrier()
+
+
+class PreemptionCallback(TrainerCallback):
+    """Ranks agree on a preemption signal with one tiny all-reduce per optimizer step; then all of them
+    save at the same step boundary and stop."""
+
+    def __init__(self, ctx: RunContext, device: torch.device):
+        self.ctx, self.device = ctx, device
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if dist.all_reduce([1.0 if self.ctx.flag.raised else 0.0], "max", device=self.device)[0]:
+            self.ctx.preempted = True
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+class SinkCallback(TrainerCallback):
+    """Rank 0 forwards each (already reduced) log record to the sinks and the console."""
+
+    def __init__(self, ctx: RunContext, progress: Any):
+        self.ctx, self.progress = ctx, progress
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
+               **kwargs: Any) -> None:
+        if not logs or self.ctx.writer is None:
+            return
+        record = {"step": state.global_step, **{k: v for k, v in logs.items() if k != "total_flos"}}
+        if "eval_loss" in record:
+            train = next((h["loss"] for h in reversed(self.ctx.history) if "loss" in h), None)
+            if train is not None:
+                record["train_eval_gap"] = record["eval_loss"] - train
+        self.ctx.history.append(record)
+        self.ctx.writer.write(record)
+        self.progress.update(record)
