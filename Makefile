@@ -1,0 +1,45 @@
+# Two commands on a fresh machine (Python 3.10+ and pip; no torch, no GPU needed):
+#   make demo   set up what is missing, then train the quickstart (2 CPU processes when there is no GPU)
+#   make test   set up what is missing (with the test tools), then run the whole test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# torch 2.13.0 is the CPU wheel on this kind of machine; a bare `torch` would pull a multi-GB CUDA build.
+TORCH_CPU ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: demo test setup setup-dev plan clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+# Keep an existing torch; otherwise install the CPU build unless an NVIDIA GPU is present.
+$(VENV)/.torch: | $(PY)
+	@if $(PY) -c "import torch" 2>/dev/null; then echo "torch already installed: keeping it"; \
+	elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then $(PY) -m pip install -q torch; \
+	else $(PY) -m pip install -q $(TORCH_CPU); fi
+	@touch $@
+
+$(VENV)/.distsft: pyproject.toml $(VENV)/.torch
+	$(PY) -m pip install -q -e .
+	@touch $@
+
+$(VENV)/.distsft-dev: pyproject.toml $(VENV)/.distsft
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+setup: $(VENV)/.distsft
+setup-dev: $(VENV)/.distsft-dev
+
+demo: setup
+	$(VENV)/bin/distsft run examples/quickstart.yaml --gpus 2
+
+plan: setup
+	$(VENV)/bin/distsft plan examples/quickstart.yaml
+
+test: setup-dev
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs outputs
