@@ -47,6 +47,7 @@ def _configure_logging(e: dist.DistEnv) -> None:
     if not e.is_main:
         # Other ranks print only warnings and errors (prefixed by dist.warn).
         transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
         datasets.logging.set_verbosity_error()
     datasets.disable_progress_bars()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -106,7 +107,7 @@ def _train(spec: RunSpec) -> int:
         gradient_accumulation_steps=batch.gradient_accumulation_steps, learning_rate=float(t.learning_rate),
         lr_scheduler_type=t.lr_scheduler_type, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
         seed=t.seed, data_seed=t.seed, bf16=precision == "bf16", fp16=precision == "fp16",
-        gradient_checkpointing=t.gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False},
+        **_checkpointing_args(t.gradient_checkpointing),
         logging_steps=spec.logging.logging_steps, report_to="none", disable_tqdm=True,
         save_strategy="steps" if spec.checkpoint.save_steps else "no", save_steps=spec.checkpoint.save_steps or 500,
         save_total_limit=None,  # distsft rotates, and never removes the newest complete checkpoint
@@ -120,7 +121,7 @@ def _train(spec: RunSpec) -> int:
     )
     device = args.device  # initialises the process group (gloo on CPU, NCCL on GPU, DeepSpeed's)
     dist.print0(f"distsft: world size {e.world_size} ({e.num_nodes} node(s)), "
-                f"{'GPU' if cuda else 'CPU'} {precision}, attention {attn}, backend {spec.distributed.backend}"
+                f"{'GPU' if cuda else 'CPU'} {'fp32' if precision == 'no' else precision}, attention {attn}, backend {spec.distributed.backend}"
                 f"{' ZeRO-' + str(spec.distributed.stage) if spec.distributed.backend == 'deepspeed' else ''}, "
                 f"global batch {batch.global_batch_size} = {batch.per_device_train_batch_size} × "
                 f"{batch.gradient_accumulation_steps} × {e.world_size}")
@@ -182,6 +183,16 @@ def _train(spec: RunSpec) -> int:
     dist.barrier()
     _close(writer, lock)
     return 0
+
+
+def _checkpointing_args(enabled: bool) -> dict[str, Any]:
+    """Gradient checkpointing with use_reentrant=False, under the name this transformers version uses."""
+    from trl import SFTConfig
+    if not enabled:
+        return {}
+    name = "activation_checkpointing" if "activation_checkpointing" in SFTConfig.__dataclass_fields__ \
+        else "gradient_checkpointing"
+    return {name: True, f"{name}_kwargs": {"use_reentrant": False}}
 
 
 def _check_resume_compatible(marker: dict[str, Any], spec: RunSpec, batch: Any, e: dist.DistEnv) -> None:

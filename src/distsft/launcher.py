@@ -89,10 +89,10 @@ class SignalForwarder:
                 pass
 
 
-def launch(run_yaml: Path, accelerate_yaml: Path, output_dir: Path) -> int:
+def launch(run_yaml: Path, accelerate_yaml: Path, output_dir: Path, extra_env: dict[str, str]) -> int:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_yaml),
            "-m", ENTRY_MODULE, str(run_yaml)]
-    env = dict(os.environ, DISTSFT_LOCK_HELD="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, DISTSFT_LOCK_HELD="1", PYTHONUNBUFFERED="1", **extra_env)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, _num_processes(accelerate_yaml)))))
     (output_dir / checkpoint.PREEMPTED).unlink(missing_ok=True)
     child = subprocess.Popen(cmd, env=env, start_new_session=True)
@@ -120,7 +120,7 @@ def _num_processes(accelerate_yaml: Path) -> int:
 def run(spec_path: str, overrides: list[str], gpus: int | None) -> int:
     from .model import cuda_info
     from .plan import make_plan
-    from .render import write_run_dir
+    from .render import launch_env, write_run_dir
     started = time.perf_counter()
     spec = load_spec(spec_path, overrides, gpus=gpus)
     if spec.distributed.nodes != 1:
@@ -141,6 +141,9 @@ def run(spec_path: str, overrides: list[str], gpus: int | None) -> int:
         paths = write_run_dir(spec, out, cuda=cuda, bf16_supported=bf16_ok)
         prepare(spec, cuda)
         print(f"distsft: run dir {out} ready in {time.perf_counter() - started:.1f} s; launching", flush=True)
-        return launch(paths["run.yaml"], paths["accelerate.yaml"], out)
+        extra = launch_env(spec, cuda)
+        if not cuda:
+            extra["DS_ACCELERATOR"] = "cpu"  # say it, instead of DeepSpeed warning on every rank
+        return launch(paths["run"], paths["accelerate"], out, extra)
     finally:
         lock.release()

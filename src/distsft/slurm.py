@@ -112,9 +112,9 @@ def submit(spec_path: str, overrides: list[str], nodes: int | None, gpus: int | 
     paths = write_run_dir(spec, out, cuda=gpus_on_nodes, bf16_supported=gpus_on_nodes)
     folder = out / SUBMITIT_DIR / "%j"
     params = executor_parameters(spec, gpus_on_nodes)
-    task = RankTask(str(paths["run.yaml"]), spec.slurm.max_requeues)
+    task = RankTask(str(paths["run"]), spec.slurm.max_requeues)
     if dry_run:
-        return _print_dry_run(folder, params, paths["run.yaml"], plan)
+        return _print_dry_run(folder, params, paths["run"], plan)
     executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
     executor.update_parameters(**params)
     try:

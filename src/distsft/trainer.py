@@ -171,6 +171,9 @@ class PreemptionCallback(TrainerCallback):
         return control
 
 
+DROPPED_KEYS = {"total_flos", "num_tokens"}
+
+
 class SinkCallback(TrainerCallback):
     """Rank 0 forwards each (already reduced) log record to the sinks and the console."""
 
@@ -181,7 +184,8 @@ class SinkCallback(TrainerCallback):
                **kwargs: Any) -> None:
         if not logs or self.ctx.writer is None:
             return
-        record = {"step": state.global_step, **{k: v for k, v in logs.items() if k != "total_flos"}}
+        # TRL's cumulative num_tokens counts padding too; distsft's `tokens` is the real-token count.
+        record = {"step": state.global_step, **{k: v for k, v in logs.items() if k not in DROPPED_KEYS}}
         if "eval_loss" in record:
             train = next((h["loss"] for h in reversed(self.ctx.history) if "loss" in h), None)
             if train is not None:
