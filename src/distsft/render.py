@@ -1,0 +1,242 @@
+"""Render a run's launcher files: accelerate.yaml, deepspeed.json and the resolved run.yaml.
+
+Every number in these files is explicit and comes from `plan.batch_for`: no "auto" that HF or DeepSpeed
+would fill in later, so what the plan printed is what runs, and DeepSpeed's own batch check
+(train_batch_size == micro × accumulation × world) guards the arithmetic a second time.
+
+The reference copies under accelerate_configs/ and deepspeed_configs/ are this module's output for the
+specs in examples/configs/; regenerate them with `python -m distsft.render --regen` from the repo root.
+
+CPU machines (verified with accelerate 1.15 / deepspeed 0.19.8): `accelerate launch` starts N ranks
+only through torchrun, i.e. distributed_type MULTI_GPU or DEEPSPEED (MULTI_CPU goes to the single-process
+launcher unless mpirun is configured). `use_cpu: true` in the file does not reach those ranks, so:
+  * DDP ranks need ACCELERATE_USE_CPU=true in their environment (see `launch_env`), which makes
+    accelerate pick MULTI_CPU over gloo;
+  * DeepSpeed ranks must not get that variable (it switches DeepSpeed off); the training process creates
+    `PartialState(backend="gloo")` itself before HF builds its Accelerator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .plan import Batch, batch_for, pin_global_batch
+from .spec import RunSpec, dump_spec, load_spec
+
+Precision = Literal["bf16", "fp16", "no"]
+
+# Fixed communication sizes instead of HF's hidden-size-derived "auto": 2e8-element buckets are the
+# DeepSpeed/HF template values for ZeRO-1/2 (with overlap_comm the buffers cost ~4.5× this in bytes, so
+# the DeepSpeed default of 5e8 would hold several GB); the ZeRO-3 values are DeepSpeed's defaults.
+ZERO12_BUCKET = 200_000_000
+ZERO3_REDUCE_BUCKET = 500_000_000
+ZERO3_PREFETCH_BUCKET = 50_000_000
+ZERO3_PERSISTENCE_THRESHOLD = 100_000
+ZERO3_MAX_LIVE = 1_000_000_000
+DEFAULT_PORT = 29500
+
+# name -> extra keyword arguments for render_accelerate; the specs are examples/configs/<name>.yaml.
+REFERENCE_CASES: dict[str, dict[str, Any]] = {
+    "ddp": {},
+    "zero2": {},
+    "zero3": {},
+    "zero3_offload": {},
+    # Rendered for the first node; on a cluster the launch passes --machine_rank/--main_process_ip.
+    "two_node": {"machine_rank": 0, "main_process_ip": "node-001"},
+}
+
+
+def resolve_precision(spec: RunSpec, cuda: bool, bf16_supported: bool) -> Precision:
+    """train.bf16 None means bf16 where a GPU supports it and fp32 elsewhere; explicit values win
+    (torch runs bf16 on CPU, so an explicit bf16 is honoured there too)."""
+    t = spec.train
+    if t.fp16:
+        return "fp16"
+    if t.bf16 is None:
+        return "bf16" if cuda and bf16_supported else "no"
+    return "bf16" if t.bf16 else "no"
+
+
+def render_deepspeed(spec: RunSpec, batch: Batch, precision: str) -> dict[str, Any]:
+    d = spec.distributed
+    stage = d.stage
+    zero: dict[str, Any] = {"stage": stage}
+    if stage in (1, 2):
+        zero.update(overlap_comm=True, contiguous_gradients=True, allgather_partitions=True,
+                    allgather_bucket_size=ZERO12_BUCKET, reduce_scatter=True, reduce_bucket_size=ZERO12_BUCKET)
+    elif stage == 3:
+        zero.update(overlap_comm=True, contiguous_gradients=True, reduce_bucket_size=ZERO3_REDUCE_BUCKET,
+                    stage3_prefetch_bucket_size=ZERO3_PREFETCH_BUCKET,
+                    stage3_param_persistence_threshold=ZERO3_PERSISTENCE_THRESHOLD,
+                    stage3_max_live_parameters=ZERO3_MAX_LIVE, stage3_max_reuse_distance=ZERO3_MAX_LIVE,
+                    sub_group_size=ZERO3_MAX_LIVE,
+                    # HF save_model then writes one consolidated 16-bit state dict, not ZeRO shards only.
+                    stage3_gather_16bit_weights_on_model_save=True)
+    if d.offload_optimizer:
+        # HF Trainer's torch AdamW is swapped by accelerate for DeepSpeedCPUAdam (a JIT-built op) here;
+        # zero_force_ds_cpu_optimizer stays at its default so that swap, the fast path, happens.
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if d.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    fp16: dict[str, Any] = {"enabled": precision == "fp16"}
+    if precision == "fp16":
+        # Dynamic loss scaling (loss_scale 0) starting at 2^16, halving after 2 overflowing steps.
+        fp16.update(loss_scale=0, initial_scale_power=16, loss_scale_window=1000, hysteresis=2, min_loss_scale=1)
+    cfg: dict[str, Any] = {
+        "train_batch_size": batch.global_batch_size,
+        "train_micro_batch_size_per_gpu": batch.per_device_train_batch_size,
+        "gradient_accumulation_steps": batch.gradient_accumulation_steps,
+        "gradient_clipping": float(spec.train.max_grad_norm),
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": fp16,
+        "zero_optimization": zero,
+        "steps_per_print": 1_000_000,  # HF Trainer logs; DeepSpeed's own step prints would duplicate it
+        "wall_clock_breakdown": False,
+    }
+    return cfg
+
+
+def render_accelerate(spec: RunSpec, batch: Batch, precision: str, *, cuda: bool,
+                      deepspeed_config_file: str | None, machine_rank: int = 0,
+                      main_process_ip: str | None = None, main_process_port: int | None = None) -> dict[str, Any]:
+    """An `accelerate launch --config_file` file. num_processes is the total over all machines
+    (accelerate starts num_processes // num_machines per node)."""
+    d = spec.distributed
+    if batch.world_size % d.nodes:
+        raise ValueError(f"world size {batch.world_size} is not a multiple of distributed.nodes={d.nodes}")
+    deepspeed = d.backend == "deepspeed"
+    if deepspeed and not deepspeed_config_file:
+        raise ValueError("the deepspeed backend needs deepspeed_config_file")
+    if deepspeed:
+        dist_type = "DEEPSPEED"
+    else:
+        # MULTI_GPU also on CPU: it is the type that makes accelerate start the ranks with torchrun.
+        dist_type = "MULTI_GPU" if batch.world_size > 1 else "NO"
+    cfg: dict[str, Any] = {
+        "compute_environment": "LOCAL_MACHINE",
+        "distributed_type": dist_type,
+        "num_machines": d.nodes,
+        "num_processes": batch.world_size,
+        "machine_rank": machine_rank,
+        "gpu_ids": "all",
+        "use_cpu": not cuda,
+        # Static rendezvous at main_process_ip:port with --node_rank = machine_rank. (accelerate 1.15 reads
+        # same_network only from its command line; without it the same address goes to torchrun as
+        # --rdzv_endpoint instead of --master_addr, which static rendezvous treats alike.)
+        "rdzv_backend": "static",
+        "same_network": True,
+        "debug": False,
+    }
+    port = main_process_port or d.main_process_port or (DEFAULT_PORT if d.nodes > 1 else None)
+    if main_process_ip:
+        cfg["main_process_ip"] = main_process_ip
+    if port:
+        cfg["main_process_port"] = port
+    if deepspeed:
+        # No mixed_precision key: with deepspeed_config_file accelerate rejects any precision given in
+        # the accelerate file (even 'no'); deepspeed.json carries bf16/fp16.
+        cfg["deepspeed_config"] = {"deepspeed_config_file": deepspeed_config_file,
+                                   "zero3_init_flag": d.stage == 3}
+        if d.nodes > 1:
+            # One torchrun per node (what SLURM starts) instead of DeepSpeed's pdsh/ssh fan-out.
+            cfg["deepspeed_config"]["deepspeed_multinode_launcher"] = "standard"
+    else:
+        cfg["mixed_precision"] = precision
+    return cfg
+
+
+def launch_env(spec: RunSpec, cuda: bool) -> dict[str, str]:
+    """Environment for `accelerate launch` with a rendered file (see the module docstring)."""
+    if not cuda and spec.distributed.backend == "ddp":
+        return {"ACCELERATE_USE_CPU": "true"}
+    return {}
+
+
+def accelerate_text(cfg: dict[str, Any]) -> str:
+    return yaml.safe_dump(cfg, sort_keys=False)
+
+
+def deepspeed_text(cfg: dict[str, Any]) -> str:
+    return json.dumps(cfg, indent=2) + "\n"
+
+
+def write_run_dir(spec: RunSpec, out_dir: str | Path, *, cuda: bool, bf16_supported: bool,
+                  world_size: int | None = None, machine_rank: int = 0, main_process_ip: str | None = None,
+                  main_process_port: int | None = None) -> dict[str, Path]:
+    """Write run.yaml, accelerate.yaml and (DeepSpeed) deepspeed.json into out_dir; return their paths
+    under the keys "run", "accelerate", "deepspeed". `world_size` replaces the spec's GPU count (kept
+    as gpus_per_node = world_size / nodes, so run.yaml describes the run that was launched)."""
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if world_size is not None:
+        nodes = spec.distributed.nodes
+        if world_size % nodes:
+            raise ValueError(f"world size {world_size} is not a multiple of distributed.nodes={nodes}")
+        spec = spec.model_copy(deep=True)
+        spec.distributed.gpus_per_node = world_size // nodes
+    batch = batch_for(spec)
+    precision = resolve_precision(spec, cuda, bf16_supported)
+    paths = {"run": out / "run.yaml", "accelerate": out / "accelerate.yaml"}
+    # The global batch, not the accumulation, is recorded so a resume on another GPU count keeps it.
+    dump_spec(pin_global_batch(spec), paths["run"])
+    ds_file = None
+    if spec.distributed.backend == "deepspeed":
+        paths["deepspeed"] = out / "deepspeed.json"
+        paths["deepspeed"].write_text(deepspeed_text(render_deepspeed(spec, batch, precision)))
+        ds_file = str(paths["deepspeed"])
+    acc = render_accelerate(spec, batch, precision, cuda=cuda, deepspeed_config_file=ds_file,
+                            machine_rank=machine_rank, main_process_ip=main_process_ip,
+                            main_process_port=main_process_port)
+    paths["accelerate"].write_text(accelerate_text(acc))
+    return paths
+
+
+def render_reference(root: Path, name: str) -> tuple[str, str | None]:
+    """(accelerate.yaml text, deepspeed.json text or None) of a reference case, as on a bf16 GPU node."""
+    spec = load_spec(root / "examples" / "configs" / f"{name}.yaml")
+    batch = batch_for(spec)
+    precision = resolve_precision(spec, cuda=True, bf16_supported=True)
+    ds = None
+    ds_file = None
+    if spec.distributed.backend == "deepspeed":
+        ds = deepspeed_text(render_deepspeed(spec, batch, precision))
+        ds_file = f"deepspeed_configs/{name}.json"  # relative, so the copies do not depend on a checkout
+    acc = render_accelerate(spec, batch, precision, cuda=True, deepspeed_config_file=ds_file,
+                            **REFERENCE_CASES[name])
+    return accelerate_text(acc), ds
+
+
+def regenerate_references(root: Path) -> list[Path]:
+    written = []
+    for name in REFERENCE_CASES:
+        acc, ds = render_reference(root, name)
+        p = root / "accelerate_configs" / f"{name}.yaml"
+        p.parent.mkdir(exist_ok=True)
+        p.write_text(acc)
+        written.append(p)
+        if ds is not None:
+            q = root / "deepspeed_configs" / f"{name}.json"
+            q.parent.mkdir(exist_ok=True)
+            q.write_text(ds)
+            written.append(q)
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m distsft.render")
+    parser.add_argument("--regen", action="store_true", help="rewrite accelerate_configs/ and deepspeed_configs/")
+    parser.add_argument("--root", default=".", help="repository root (default: the current directory)")
+    args = parser.parse_args(argv)
+    if not args.regen:
+        parser.error("nothing to do: pass --regen")
+    for p in regenerate_references(Path(args.root)):
+        print(p)
+
+
+if __name__ == "__main__":
+    main()
