@@ -157,3 +157,60 @@ def test_early_stopping_counts_evals_from_before_a_resume(args):
     diag = Diagnostics(spec, total_steps=1000, warmup_steps=0)  # a fresh callback in the requeued job
     _, control = _run(diag, args, [(30, {"loss": 0.8}), (30, {"eval_loss": 1.01})], state=state)
     assert control.should_training_stop and "since step 10" in diag.records[-1]["warning"]
+
+
+# --------------------------------------------------------------------------- SampleGenerations
+# (the generation callback's tests live here too: both are training callbacks driven by step hooks)
+
+TINY = "examples/tiny-llama"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from transformers import AutoModelForCausalLM
+
+    from distsft.model import load_tokenizer
+    spec = _gen_spec()
+    return spec, load_tokenizer(spec), AutoModelForCausalLM.from_pretrained(TINY)
+
+
+def _gen_spec(**data):
+    return validate({"model": {"name_or_path": TINY}, "data": {"train_files": ["t.jsonl"], **data},
+                     "logging": {"generation_steps": 4, "generation_max_new_tokens": 6,
+                                 "generation_prompts": ["Hi", "Name three colours of the rainbow, please."]}})
+
+
+def test_sample_generations_every_n_steps_rank0_record(args, tiny):
+    from distsft.generation import SampleGenerations
+    spec, tok, model = tiny
+    writer = Writer()
+    cb = SampleGenerations(spec, tok, writer)
+    model.train()
+    for step in (3, 4, 5):
+        cb.on_step_end(args, TrainerState(global_step=step), TrainerControl(), model=model)
+    (rec,) = writer.records
+    assert rec["step"] == 4 and [g["prompt"] for g in rec["generations"]] == spec.logging.generation_prompts
+    assert all(isinstance(g["completion"], str) for g in rec["generations"])
+    assert model.training and tok.padding_side == "right"  # put back as training had them
+    # Left padding: the short prompt, padded in the batch, completes exactly as it does alone.
+    single = SampleGenerations(spec, tok)
+    single.texts = single.texts[:1]
+    assert single.generate(model, args.device) == [rec["generations"][0]["completion"]]
+
+
+def test_sample_generations_renders_training_format_and_syncs_under_zero3(args, tiny, monkeypatch):
+    from distsft import generation
+    spec, tok, model = tiny
+    cb = generation.SampleGenerations(_gen_spec(system_prompt="Be brief."), tok, writer=None)  # a rank > 0
+    assert cb.texts[0] == "<|bos|><|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n" \
+                          "<|im_start|>assistant\n"
+    seen = {}
+
+    def fake_generate(input_ids, attention_mask, generation_config, synced_gpus):
+        seen.update(synced=synced_gpus, training=model.training, greedy=not generation_config.do_sample,
+                    left_padded=bool(attention_mask[:, -1].all()))
+        return input_ids
+    monkeypatch.setattr(generation, "_zero3", lambda: True)
+    monkeypatch.setattr(model, "generate", fake_generate)
+    cb.on_step_end(args, TrainerState(global_step=8), TrainerControl(), model=model)
+    assert seen == {"synced": True, "training": False, "greedy": True, "left_padded": True}
