@@ -1,0 +1,404 @@
+"""Data: load -> chat template -> tokenize with assistant-only labels -> pack -> Arrow cache + stats.
+
+Every user mistake (missing file, bad JSON line, wrong column or role, empty answer) becomes one
+`SpecError` naming the file and line/row. `prepare` does the work once per (data, tokenizer, settings)
+and caches the packed result with `save_to_disk`; later runs and other ranks memory-map it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from itertools import chain
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from distsft.packing import pack_bfd
+from distsft.spec import SpecError
+from distsft.tokenizer_utils import (ChatRenderer, OffsetEncoder, TemplateMismatch, label_mask,
+                                     resolve_chat_template, tokenizer_fingerprint)
+
+DATA_FORMAT_VERSION = 1  # bump when the cached layout or the labelling rules change
+ROLES = ("system", "user", "assistant")
+_CHUNK = 8192  # conversations tokenized per batch: bounds the memory of the Encoding objects
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_DATA_EXT = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".arrow")
+
+
+# --------------------------------------------------------------------------- loading
+
+def _data(spec: Any) -> Any:
+    return getattr(spec, "data", spec)  # accept a RunSpec or its DataSpec
+
+
+def _is_hub_id(name: str) -> bool:
+    return bool(_HUB_ID.match(name)) and not name.lower().endswith(_DATA_EXT)
+
+
+def _iter_source(name: str, columns: list[str]) -> Iterator[tuple[str, Any]]:
+    """(where, record) for every record of one file, directory or hub id; `where` is file:line or
+    file[row i], for error messages."""
+    path = Path(name)
+    if path.is_dir():
+        from datasets import DatasetDict, load_from_disk
+        try:
+            ds = load_from_disk(str(path))
+        except Exception as exc:
+            raise SpecError(f"{name}: a directory must be a dataset saved with save_to_disk ({exc})") from None
+        if isinstance(ds, DatasetDict):
+            if "train" not in ds:
+                raise SpecError(f"{name}: dataset has splits {sorted(ds)}, none called 'train'")
+            ds = ds["train"]
+        yield from _iter_rows(name, ds.column_names, ds.to_list(), columns)
+    elif path.is_file():
+        suffix = path.suffix.lower()
+        if suffix == ".jsonl":
+            yield from _iter_jsonl(path)
+        elif suffix == ".json":
+            text = path.read_text(encoding="utf-8")
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as exc:
+                if exc.msg != "Extra data":  # JSON Lines saved as .json is common: read it as such
+                    raise SpecError(f"{name}:{exc.lineno}: not valid JSON ({exc.msg}, column {exc.colno})") from None
+                yield from _iter_jsonl(path)
+                return
+            if isinstance(obj, dict) and obj and all(isinstance(v, list) for v in obj.values()):
+                keys = list(obj)
+                obj = [dict(zip(keys, vals)) for vals in zip(*obj.values())]  # column-oriented JSON
+            if not isinstance(obj, list):
+                raise SpecError(f"{name}: expected a JSON array of records (or JSON Lines)")
+            yield from _iter_rows(name, None, obj, columns)
+        elif suffix == ".parquet":
+            import pyarrow.parquet as pq
+            table = pq.read_table(path)
+            yield from _iter_rows(name, table.column_names, table.to_pylist(), columns)
+        else:
+            raise SpecError(f"{name}: unsupported file type {suffix or '(none)'}; use .jsonl, .json, "
+                            ".parquet or a directory written by Dataset.save_to_disk")
+    elif _is_hub_id(name):
+        from datasets import load_dataset
+        try:
+            ds = load_dataset(name, split="train")
+        except Exception as exc:
+            raise SpecError(f"data file {name!r} is not a local path, and loading it as a Hugging Face Hub "
+                            f"dataset failed ({type(exc).__name__}: {str(exc)[:300]})") from None
+        yield from _iter_rows(name, ds.column_names, ds.to_list(), columns)
+    else:
+        raise SpecError(f"data file not found: {name}")
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{lineno}", json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise SpecError(f"{path}:{lineno}: not valid JSON ({exc.msg}, column {exc.colno})") from None
+
+
+def _iter_rows(name: str, have: list[str] | None, rows: list, columns: list[str]) -> Iterator[tuple[str, Any]]:
+    if have is not None:  # tabular sources: check the schema once, before any row
+        for col in columns:
+            if col not in have:
+                raise SpecError(f"{name}: no column {col!r}; columns are {have}")
+    for i, row in enumerate(rows):
+        yield f"{name}[row {i}]", row
+
+
+def _hint(rec: dict, spec: Any) -> str:
+    if spec.format == "messages" and spec.instruction_column in rec and spec.output_column in rec:
+        return " (this looks like instruction data: set data.format: instruction)"
+    if spec.format == "instruction" and spec.messages_column in rec:
+        return " (this looks like chat data: set data.format: messages)"
+    return ""
+
+
+def _need(rec: Any, col: str, key: str, where: str, spec: Any) -> Any:
+    if not isinstance(rec, dict):
+        raise SpecError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    if col not in rec:
+        raise SpecError(f"{where}: missing column {col!r} (data.{key}); keys are {sorted(rec)}"
+                        + _hint(rec, spec))
+    return rec[col]
+
+
+def _conversation(rec: Any, where: str, spec: Any) -> list[dict]:
+    if spec.format == "instruction":
+        inst = _need(rec, spec.instruction_column, "instruction_column", where, spec)
+        out = _need(rec, spec.output_column, "output_column", where, spec)
+        inp = rec.get(spec.input_column) or ""
+        for col, v in ((spec.instruction_column, inst), (spec.output_column, out), (spec.input_column, inp)):
+            if not isinstance(v, str):
+                raise SpecError(f"{where}: column {col!r} must be a string, got {type(v).__name__}")
+        if not out.strip():
+            raise SpecError(f"{where}: empty {spec.output_column!r} (the assistant turn); nothing to train on")
+        user = inst + ("\n\n" + inp if inp.strip() else "")
+        msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": out}]
+    else:
+        raw = _need(rec, spec.messages_column, "messages_column", where, spec)
+        if not isinstance(raw, list) or not raw:
+            raise SpecError(f"{where}: {spec.messages_column!r} must be a non-empty list of messages")
+        msgs = []
+        for j, m in enumerate(raw):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise SpecError(f"{where}: message {j} must be an object with 'role' and 'content'")
+            role, content = m["role"], m["content"]
+            if role not in ROLES:
+                raise SpecError(f"{where}: message {j} has role {role!r}; roles must be one of "
+                                f"{', '.join(ROLES)}")
+            if not isinstance(content, str):
+                raise SpecError(f"{where}: message {j} ({role}) content must be a string, "
+                                f"got {type(content).__name__}")
+            if role == "assistant" and not content.strip():
+                raise SpecError(f"{where}: message {j} is an empty assistant turn")
+            msgs.append({"role": role, "content": content})
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise SpecError(f"{where}: conversation has no assistant turn; nothing to train on")
+    if spec.system_prompt and not any(m["role"] == "system" for m in msgs):
+        msgs.insert(0, {"role": "system", "content": spec.system_prompt})
+    return msgs
+
+
+def _load(files: list[str], fmt: str, spec: Any, limit: int | None = None) -> tuple[list, list[str]]:
+    spec = _data(spec)
+    if fmt != spec.format:
+        spec = spec.model_copy(update={"format": fmt})
+    columns = ([spec.messages_column] if fmt == "messages"
+               else [spec.instruction_column, spec.output_column])
+    convs, sources = [], []
+    for name in files:
+        for where, rec in _iter_source(str(name), columns):
+            convs.append(_conversation(rec, where, spec))
+            sources.append(where)
+            if limit and len(convs) >= limit:
+                return convs, sources
+    if not convs:
+        raise SpecError(f"no records in {', '.join(map(str, files))}")
+    return convs, sources
+
+
+def load_records(files: list[str], fmt: str, spec: Any) -> Any:
+    """A Dataset with `messages` (validated, system prompt applied) and `source` (file:line)."""
+    from datasets import Dataset
+    convs, sources = _load(files, fmt, spec)
+    return Dataset.from_dict({"messages": convs, "source": sources})
+
+
+# --------------------------------------------------------------------------- tokenize and mask
+
+def _tokenize_arrays(convs: list, sources: list[str], tokenizer: Any, spec: Any) -> tuple[dict, dict]:
+    """Flat numpy token/label arrays and per-example lengths, after overlong handling."""
+    renderer = ChatRenderer(tokenizer, resolve_chat_template(tokenizer, spec.chat_template))
+    enc = OffsetEncoder(tokenizer)
+    ids_parts, lab_parts, len_parts = [], [], []
+    for lo in range(0, len(convs), _CHUNK):
+        texts, spans, text_lens = [], [], []
+        for conv, src in zip(convs[lo:lo + _CHUNK], sources[lo:lo + _CHUNK]):
+            try:
+                text, sp = renderer.assistant_spans(conv)
+            except TemplateMismatch as exc:
+                raise SpecError(f"{src}: {exc}; the chat template rewrites assistant messages, so the loss "
+                                "mask cannot be found. Set data.chat_template to one that keeps them") from None
+            except Exception as exc:
+                raise SpecError(f"{src}: the chat template failed on this conversation: "
+                                f"{type(exc).__name__}: {exc}") from None
+            text, shift = enc.add_bos(text)
+            texts.append(text)
+            spans.append([(s + shift, e + shift) for s, e in sp])
+            text_lens.append(len(text))
+        ids, starts, ends, lens = enc.encode(texts, spans)
+        counts = np.fromiter((len(s) for s in spans), dtype=np.int64, count=len(spans))
+        flat = np.array([c for s in spans for c in s], dtype=np.int64).reshape(-1, 2)
+        mask = label_mask(starts, ends, lens, np.asarray(text_lens, dtype=np.int64),
+                          flat[:, 0], flat[:, 1], counts)
+        ids_parts.append(ids)
+        lab_parts.append(np.where(mask, ids, -100).astype(np.int32))
+        len_parts.append(lens)
+    ids, labels = np.concatenate(ids_parts), np.concatenate(lab_parts)
+    lens = np.concatenate(len_parts)
+    return _apply_overlong(ids, labels, lens, spec)
+
+
+def _apply_overlong(ids: np.ndarray, labels: np.ndarray, lens: np.ndarray, spec: Any) -> tuple[dict, dict]:
+    n, max_len = lens.size, spec.max_length
+    starts = np.concatenate(([0], np.cumsum(lens)[:-1])).astype(np.int64)
+    # The first token of an example is never a target: in a packed row it would be predicted from the
+    # previous example (templates start with BOS or a header anyway).
+    labels[starts[lens > 0]] = -100
+    over = lens > max_len
+    keep = ~over if spec.overlong == "drop" else np.ones(n, dtype=bool)
+    ex_of_tok = np.repeat(np.arange(n), lens)
+    pos = np.arange(ids.size) - np.repeat(starts, lens)
+    tok_keep = keep[ex_of_tok] & (pos < max_len)
+    loss = np.bincount(ex_of_tok[tok_keep & (labels != -100)], minlength=n)
+    keep &= loss > 0  # nothing left to learn (e.g. the answer was cut off): drop
+    tok_keep &= keep[ex_of_tok]
+    new_lens = np.minimum(lens, max_len)[keep]
+    stats = {"num_examples": int(keep.sum()), "num_dropped": int(n - keep.sum()),
+             "num_truncated": int((over & keep).sum()) if spec.overlong == "truncate" else 0,
+             "num_tokens": int(new_lens.sum()), "num_loss_tokens": int(loss[keep].sum())}
+    return {"input_ids": ids[tok_keep], "labels": labels[tok_keep], "lengths": new_lens}, stats
+
+
+def _list_array(offsets: np.ndarray, values: np.ndarray) -> Any:
+    import pyarrow as pa
+    if offsets[-1] < 2**31 - 1:
+        return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values))
+    return pa.LargeListArray.from_arrays(pa.array(offsets.astype(np.int64)), pa.array(values))
+
+
+def _dataset(columns: dict[str, Any]) -> Any:
+    import pyarrow as pa
+    from datasets import Dataset
+    from datasets.table import InMemoryTable
+    return Dataset(InMemoryTable(pa.table(columns)))
+
+
+def _offsets(lens: np.ndarray) -> np.ndarray:
+    return np.concatenate(([0], np.cumsum(lens))).astype(np.int64)
+
+
+def _histogram(lens: np.ndarray, bins: int = 50) -> dict:
+    if lens.size == 0:
+        return {"bin_edges": [], "counts": []}
+    counts, edges = np.histogram(lens, bins=min(bins, max(1, int(lens.max() - lens.min()) or 1)))
+    return {"bin_edges": [round(float(e), 2) for e in edges], "counts": counts.tolist()}
+
+
+def tokenize(dataset: Any, tokenizer: Any, spec: Any) -> tuple[Any, dict]:
+    """Columns input_ids, labels (-100 outside assistant turns), length; plus per-example stats."""
+    spec = _data(spec)
+    convs = dataset["messages"]
+    sources = dataset["source"] if "source" in dataset.column_names else [f"row {i}" for i in range(len(convs))]
+    tok, stats = _tokenize_arrays(convs, sources, tokenizer, spec)
+    off = _offsets(tok["lengths"])
+    ds = _dataset({"input_ids": _list_array(off, tok["input_ids"]), "labels": _list_array(off, tok["labels"]),
+                   "length": tok["lengths"].astype(np.int32)})
+    stats["length_histogram"] = _histogram(tok["lengths"])
+    return ds, stats
+
+
+def _pack(tok: dict, stats: dict, spec: Any) -> tuple[Any, dict]:
+    lens, max_len = tok["lengths"], spec.max_length
+    if lens.size == 0:
+        raise SpecError(f"no examples left: all {stats['num_dropped']} were longer than data.max_length="
+                        f"{max_len} (data.overlong={spec.overlong}) or had no assistant tokens left")
+    bins = pack_bfd(lens, max_len) if spec.packing else [[i] for i in range(lens.size)]
+    order = np.fromiter(chain.from_iterable(bins), dtype=np.int64, count=lens.size)
+    per_row = np.fromiter((len(b) for b in bins), dtype=np.int64, count=len(bins))
+    src_start = _offsets(lens)[:-1][order]
+    seq = lens[order]
+    dst_start = _offsets(seq)[:-1]
+    gather = np.repeat(src_start - dst_start, seq) + np.arange(int(seq.sum()))
+    row_off = _offsets(seq)[_offsets(per_row)]  # token offset of each row
+    ds = _dataset({"input_ids": _list_array(row_off, tok["input_ids"][gather]),
+                   "labels": _list_array(row_off, tok["labels"][gather]),
+                   "seq_lengths": _list_array(_offsets(per_row), seq.astype(np.int32))})
+    n_rows = len(bins)
+    stats = {**stats, "num_rows": n_rows, "max_length": max_len, "packing": bool(spec.packing),
+             "packing_efficiency": round(stats["num_tokens"] / (n_rows * max_len), 6),
+             "lower_bound_rows": int(-(-stats["num_tokens"] // max_len)),
+             "mean_length": round(float(lens.mean()), 2), "max_example_length": int(lens.max()),
+             "length_histogram": _histogram(lens)}
+    return ds, stats
+
+
+# --------------------------------------------------------------------------- cache
+
+def _split_files(spec: Any, split: str) -> list[str]:
+    d = _data(spec)
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    files = list(d.train_files if split == "train" else d.eval_files)
+    if not files:
+        raise SpecError(f"data.{split}_files is empty")
+    return files
+
+
+def _file_fingerprint(name: str) -> list:
+    path = Path(name)
+    if path.is_file():
+        st = path.stat()
+        return [str(path.resolve()), st.st_size, st.st_mtime_ns]
+    if path.is_dir():
+        return [str(path.resolve())] + [[str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns]
+                                        for p in sorted(path.rglob("*")) if p.is_file()]
+    return ["hub-or-missing", name]
+
+
+def cache_key(spec: Any, tokenizer: Any, split: str) -> str:
+    d = _data(spec)
+    template = resolve_chat_template(tokenizer, d.chat_template)
+    settings = {k: getattr(d, k, None) for k in (
+        "format", "messages_column", "instruction_column", "input_column", "output_column",
+        "system_prompt", "max_length", "packing", "overlong")}
+    if split == "train":
+        settings["max_train_examples"] = getattr(d, "max_train_examples", None)
+    blob = json.dumps({"version": DATA_FORMAT_VERSION, "split": split,
+                       "files": [_file_fingerprint(f) for f in _split_files(spec, split)],
+                       "tokenizer": tokenizer_fingerprint(tokenizer),
+                       "chat_template": hashlib.sha256(template.encode()).hexdigest(),
+                       "settings": settings}, sort_keys=True, default=str)
+    return f"{split}-{hashlib.sha256(blob.encode()).hexdigest()[:20]}"
+
+
+def load_cached(cache_root: str | Path, key: str) -> tuple[Any, dict] | None:
+    path = Path(cache_root) / key
+    if not (path / "stats.json").is_file():  # written last, so its presence means complete
+        return None
+    from datasets import load_from_disk
+    return load_from_disk(str(path)), json.loads((path / "stats.json").read_text())
+
+
+def build(spec: Any, tokenizer: Any, split: str, cache_root: str | Path) -> tuple[Any, dict]:
+    d = _data(spec)
+    key = cache_key(spec, tokenizer, split)
+    limit = getattr(d, "max_train_examples", None) if split == "train" else None
+    convs, sources = _load(_split_files(spec, split), d.format, d, limit=limit)
+    tok, stats = _tokenize_arrays(convs, sources, tokenizer, d)
+    ds, stats = _pack(tok, stats, d)
+    root = Path(cache_root)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f"{key}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    import datasets
+    quiet = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        ds.save_to_disk(str(tmp))
+    finally:
+        if not quiet:
+            datasets.enable_progress_bars()
+    (tmp / "stats.json").write_text(json.dumps(stats, indent=1))
+    try:
+        os.rename(tmp, root / key)  # atomic: readers never see a half-written cache
+    except OSError:  # another process finished first; its copy is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+    cached = load_cached(root, key)
+    assert cached is not None
+    return cached
+
+
+def prepare(spec: Any, tokenizer: Any, split: str, cache_root: str | Path) -> tuple[Any, dict]:
+    """The packed split from the cache, building it first when needed."""
+    return load_cached(cache_root, cache_key(spec, tokenizer, split)) or build(spec, tokenizer, split, cache_root)
+
+
+def default_cache_root(spec: Any) -> Path:
+    """data.cache_dir, else $DISTSFT_CACHE, else ~/.cache/distsft/data."""
+    d = _data(spec)
+    root = getattr(d, "cache_dir", None) or os.environ.get("DISTSFT_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "distsft" / "data"
+
+
+def summarize(spec: Any, tokenizer: Any, split: str = "train") -> dict:
+    """Stats for `distsft plan`, sharing the training cache."""
+    return prepare(spec, tokenizer, split, default_cache_root(spec))[1]
