@@ -50,7 +50,8 @@ class DistSFTTrainer(SFTTrainer):
     def __init__(self, *args: Any, ctx: RunContext, **kwargs: Any):
         self.ctx = ctx
         super().__init__(*args, **kwargs)
-        self._window = torch.zeros(4, dtype=torch.float64)  # loss sum, loss tokens, real tokens, rows
+        # loss sum, loss tokens, real tokens, rows, batch checksum (which samples a step saw)
+        self._window = torch.zeros(5, dtype=torch.float64)
         self._window_start = time.perf_counter()
         self._window_step = 0
 
@@ -66,6 +67,7 @@ class DistSFTTrainer(SFTTrainer):
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         real_tokens = inputs.pop("num_real_tokens", None)
+        checksum = inputs.pop("batch_checksum", 0.0)
         out = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                    num_items_in_batch=num_items_in_batch)
         if model.training and num_items_in_batch is not None:
@@ -76,12 +78,14 @@ class DistSFTTrainer(SFTTrainer):
             scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
             local_sum = float(loss.detach()) * float(num_items_in_batch) / scale
             self._window += torch.tensor([local_sum, n_local, float(real_tokens or 0),
-                                          inputs["input_ids"].shape[0]], dtype=torch.float64)
+                                          inputs["input_ids"].shape[0], float(checksum)], dtype=torch.float64)
         return out
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
             logs.update(self._reduce_window())
+        # HF counts epochs over the one long "epoch" the step sampler presents; report real epochs.
+        self.state.epoch = self.ctx.order.epoch_of(self.state.global_step)
         super().log(logs, start_time)
 
     def _reduce_window(self) -> dict[str, float]:
@@ -94,12 +98,12 @@ class DistSFTTrainer(SFTTrainer):
         elapsed = now - self._window_start
         self._window.zero_()
         self._window_start, self._window_step = now, self.state.global_step
-        loss_sum, loss_tokens, real_tokens, rows = sums
+        loss_sum, loss_tokens, real_tokens, rows, checksum = sums
         return {"loss": loss_sum / loss_tokens if loss_tokens else float("nan"),
                 "tokens": real_tokens / steps, "loss_tokens": loss_tokens / steps,
                 "tokens_per_second": real_tokens / elapsed if elapsed > 0 else 0.0,
                 "samples": rows / steps, "step_time": elapsed / steps, "peak_memory_gb": peak,
-                "epoch": self.ctx.order.epoch_of(self.state.global_step)}
+                "batch_checksum": checksum}
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None,
@@ -121,6 +125,7 @@ class DistSFTTrainer(SFTTrainer):
                 # collective parameter gathers line up across ranks.
                 batch = self.data_collator([ds[i] for i in (rows or [0])])
                 batch.pop("num_real_tokens", None)
+                batch.pop("batch_checksum", None)
                 labels = batch.pop("labels")
                 batch = self._prepare_inputs(batch)
                 logits = model(**batch, use_cache=False).logits.float()

@@ -1,0 +1,88 @@
+"""Shared helpers for end-to-end tests: run the real `distsft` command in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "examples" / "tiny-llama"
+TRAIN = ROOT / "examples" / "data" / "train.jsonl"
+EVAL = ROOT / "examples" / "data" / "eval.jsonl"
+DISTSFT = [sys.executable, "-m", "distsft.cli"]
+
+
+def write_spec(path: Path, output_dir: Path, extra: str = "") -> Path:
+    """A small, fast spec on the tiny model: fp32, logging every step, no periodic checkpoints."""
+    path.write_text(f"""
+model:
+  name_or_path: {TINY}
+data:
+  train_files: {TRAIN}
+  eval_files: {EVAL}
+  max_length: 256
+train:
+  per_device_train_batch_size: 2
+  global_batch_size: 8
+  learning_rate: 2.0e-3
+  max_steps: 8
+  warmup_ratio: 0.1
+  bf16: false
+logging:
+  logging_steps: 1
+checkpoint:
+  save_steps: 1000
+output_dir: {output_dir}
+{extra}
+""")
+    return path
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e.setdefault("DISTSFT_CACHE_DIR", str(ROOT / ".pytest-data-cache"))
+    e["PYTHONUNBUFFERED"] = "1"
+    return e
+
+
+def run(*args: str, timeout: int = 300, check: bool = False) -> subprocess.CompletedProcess:
+    p = subprocess.run([*DISTSFT, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env(),
+                       cwd=ROOT)
+    if check and p.returncode != 0:
+        raise AssertionError(f"distsft {' '.join(map(str, args))} exited {p.returncode}\n"
+                             f"--- stdout\n{p.stdout[-4000:]}\n--- stderr\n{p.stderr[-6000:]}")
+    return p
+
+
+def start(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([*DISTSFT, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env(), cwd=ROOT)
+
+
+def metrics(output_dir: Path) -> list[dict]:
+    p = Path(output_dir) / "metrics.jsonl"
+    return [json.loads(x) for x in p.read_text().splitlines() if x.strip()] if p.exists() else []
+
+
+def train_losses(output_dir: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in metrics(output_dir) if "loss" in m}
+
+
+def wait_for_step(output_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if any(m.get("step", 0) >= step and "loss" in m for m in metrics(output_dir)):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended (rc {proc.returncode}) before step {step}:\n{proc.stdout.read()[-4000:]}")
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached in {timeout} s")
+
+
+def clean(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
