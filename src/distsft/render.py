@@ -7,13 +7,16 @@ would fill in later, so what the plan printed is what runs, and DeepSpeed's own 
 The reference copies under accelerate_configs/ and deepspeed_configs/ are this module's output for the
 specs in examples/configs/; regenerate them with `python -m distsft.render --regen` from the repo root.
 
-CPU machines (verified with accelerate 1.15 / deepspeed 0.19.8): `accelerate launch` starts N ranks
-only through torchrun, i.e. distributed_type MULTI_GPU or DEEPSPEED (MULTI_CPU goes to the single-process
-launcher unless mpirun is configured). `use_cpu: true` in the file does not reach those ranks, so:
-  * DDP ranks need ACCELERATE_USE_CPU=true in their environment (see `launch_env`), which makes
-    accelerate pick MULTI_CPU over gloo;
-  * DeepSpeed ranks must not get that variable (it switches DeepSpeed off); the training process creates
-    `PartialState(backend="gloo")` itself before HF builds its Accelerator.
+CPU machines (verified with accelerate 1.15 / deepspeed 0.19.8 / transformers 5.23): `accelerate launch`
+starts N ranks only through torchrun, i.e. distributed_type MULTI_GPU or DEEPSPEED (MULTI_CPU goes to the
+single-process launcher unless mpirun is configured). `use_cpu: true` in the file does not reach those
+ranks; without CUDA each rank must ask for the CPU itself, or accelerate sees no backend and every rank
+believes it is alone (HF Trainer then stops on DeepSpeed's batch-size mismatch):
+  * DDP: ACCELERATE_USE_CPU=true in the environment (`launch_env`) or TrainingArguments(use_cpu=True):
+    MULTI_CPU over gloo;
+  * DeepSpeed: TrainingArguments(use_cpu=True) keeps DeepSpeed (HF hands its plugin to the Accelerator);
+    a bare `Accelerator()` needs `PartialState(backend="gloo")` first, as ACCELERATE_USE_CPU would
+    switch DeepSpeed off for it.
 """
 
 from __future__ import annotations
