@@ -123,7 +123,7 @@ def _train(spec: RunSpec) -> int:
         load_best_model_at_end=spec.checkpoint.load_best_at_end, metric_for_best_model="eval_loss",
         greater_is_better=False, ignore_data_skip=True, remove_unused_columns=False, packing=False,
         dataset_kwargs={"skip_prepare_dataset": True}, average_tokens_across_devices=True,
-        use_cpu=not cuda, ddp_backend=None if cuda else "gloo", ddp_find_unused_parameters=False,
+        use_cpu=not cuda, ddp_backend=None if cuda or e.world_size == 1 else "gloo", ddp_find_unused_parameters=False,
         deepspeed=render_deepspeed(spec, batch, precision) if spec.distributed.backend == "deepspeed" else None,
         dataloader_num_workers=0, max_length=spec.data.max_length, save_only_model=False,
     )
