@@ -46,16 +46,32 @@ def test_plan_plots_without_data_or_step_count(tmp_path):
     assert plots.plan_plots(spec, make_plan(spec), None) == [tmp_path / "run" / "lr_schedule.png"]
 
 
-@pytest.mark.parametrize("sched", ["linear", "cosine", "constant", "reduce_lr_on_plateau"])
+def _stepped(spec, total, warmup):
+    """The learning rate each optimizer step runs at, stepping a scheduler as the trainer does."""
+    import torch
+    from transformers import get_scheduler
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=spec.train.learning_rate)
+    sched = get_scheduler(spec.train.lr_scheduler_type, opt, num_warmup_steps=warmup, num_training_steps=total)
+    lrs = []
+    for _ in range(total):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        if spec.train.lr_scheduler_type != "reduce_lr_on_plateau":  # steps on eval loss only
+            sched.step()
+    return lrs
+
+
+@pytest.mark.parametrize("sched", ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                                   "constant_with_warmup", "inverse_sqrt", "reduce_lr_on_plateau"])
 def test_lr_schedule_is_the_training_scheduler(tmp_path, sched):
     spec = _spec(tmp_path, learning_rate=1e-4, lr_scheduler_type=sched)
     lrs = plots.lr_schedule(spec, total_steps=100, warmup_steps=10)
-    assert len(lrs) == 100
-    if sched in ("linear", "cosine"):
+    assert lrs == pytest.approx(_stepped(spec, 100, 10), rel=1e-12, abs=0)
+    if sched in ("linear", "cosine", "cosine_with_restarts"):
         # step 1 runs at lr 0, the peak is reached after warmup, then it decays towards 0
         assert lrs[0] == 0 and lrs[10] == pytest.approx(1e-4) and 0 < lrs[-1] < 1e-5
         assert lrs[5] == pytest.approx(0.5e-4)
-    else:
+    elif sched in ("constant", "reduce_lr_on_plateau"):
         assert set(lrs) == {1e-4}
     _check_png(plots.lr_schedule_png(spec, 100, 10, tmp_path / "lr.png"))
 
@@ -85,3 +101,9 @@ def test_run_end_plots_loss_curves(tmp_path):
 def test_tick_labels(lo, hi, labels):
     ticks, step = plots.nice_ticks(lo, hi)
     assert [plots.fmt_tick(t, step) for t in ticks] == labels
+
+
+def test_scheduler_needing_kwargs_is_skipped_with_a_warning(tmp_path, capsys):
+    spec = _spec(tmp_path, max_steps=50, lr_scheduler_type="cosine_with_min_lr")
+    assert plots.plan_plots(spec, make_plan(spec), None) == []
+    assert "lr_schedule.png not drawn: cosine_with_min_lr" in capsys.readouterr().err

@@ -99,8 +99,8 @@ class Diagnostics(TrainerCallback):
                 "train.fp16=false)" if t.fp16 else "not here (train.fp16 is false), but with fp16 use bf16 instead")
         self.failed = f"step {step}: {what}"
         dist.print0(
-            f"\nerror: training stopped at step {step}: {what}. Nothing from this state was saved; the last "
-            "complete checkpoint is kept.\nUsual causes, most common first:\n"
+            f"\nerror: training stopped at step {step}: {what}. Nothing from this state was saved (earlier "
+            "complete checkpoints are kept).\nUsual causes, most common first:\n"
             f"  - fp16 overflow: {fp16}\n"
             f"  - learning rate too high: train.learning_rate={t.learning_rate:g}; try 3-10x lower\n"
             f"  - too little warmup: {self.warmup} warmup steps (train.warmup_ratio={t.warmup_ratio}); "
