@@ -90,6 +90,8 @@ def _train(spec: RunSpec) -> int:
     from .render import render_deepspeed, resolve_precision
     from .sampler import GlobalOrder
     from .trainer import DistSFTTrainer, PreemptionCallback, RunContext, SinkCallback
+    from .diagnostics import Diagnostics
+    from .generation import SampleGenerations
 
     e = dist.env()
     _configure_logging(e)
@@ -164,9 +166,13 @@ def _train(spec: RunSpec) -> int:
         b["batch_checksum"] = sum(row_checksum(r["input_ids"]) for r in rows)
         return b
 
+    # Diagnostics after PreemptionCallback: it logs every save step, the preemption save included.
+    diag = Diagnostics(spec, total, args.warmup_steps, steps_per_epoch=steps_per_epoch, writer=writer)
+    callbacks = [PreemptionCallback(ctx, device), SinkCallback(ctx, progress), diag]
+    if spec.logging.generation_steps:
+        callbacks.append(SampleGenerations(spec, tokenizer, writer))
     trainer = DistSFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                             processing_class=tokenizer, data_collator=collate, ctx=ctx,
-                             callbacks=[PreemptionCallback(ctx, device), SinkCallback(ctx, progress)])
+                             processing_class=tokenizer, data_collator=collate, ctx=ctx, callbacks=callbacks)
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
     dist.print0(f"data: {stats['num_examples']} examples, {stats['num_tokens']} tokens in {stats['num_rows']} rows "
@@ -176,6 +182,9 @@ def _train(spec: RunSpec) -> int:
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     progress.close()
 
+    if diag.failed:  # NaN/inf: nothing saved from the broken state; the advice was printed
+        _close(writer, lock)
+        return 1
     if ctx.preempted:
         if e.is_main:
             (out / checkpoint.PREEMPTED).write_text(f"step {trainer.state.global_step}\n")
@@ -189,6 +198,9 @@ def _train(spec: RunSpec) -> int:
         if spec.checkpoint.save_merged and spec.peft.method != "none":
             model_lib.save_merged(str(out), str(out / "merged"), torch.bfloat16 if precision == "bf16" else torch.float32)
         _summary(out, ctx.history, started, spec)
+        from .plots import run_end_plots
+        for path in run_end_plots(out, ctx.history):
+            print(f"  plot             {path}", flush=True)
     dist.barrier()
     _close(writer, lock)
     return 0

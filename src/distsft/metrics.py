@@ -63,7 +63,7 @@ class MetricsWriter:
         extra = [r for r in report_to if r != "jsonl"]
         if extra:
             from .sinks import make_sinks  # TensorBoard / W&B, imported only when asked for
-            self.sinks += make_sinks(extra, out, **sink_kwargs)
+            self.sinks += make_sinks(extra, out, resume_step=resume_step, **sink_kwargs)
 
     def write(self, record: dict[str, Any]) -> None:
         for s in self.sinks:

@@ -136,11 +136,11 @@ class DistSFTTrainer(SFTTrainer):
                 if rows:
                     total += float(token_loss)
                     count += float((labels != -100).sum())
-        model.train(was_training)
         total, count = dist.all_reduce([total, count], "sum", device=self.args.device)
         metrics = {f"{metric_key_prefix}_loss": total / count if count else float("nan"),
                    f"{metric_key_prefix}_tokens": count}
-        self.log(metrics)
+        self.log(metrics)  # still in eval mode, so TRL files it as an eval record
+        model.train(was_training)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
