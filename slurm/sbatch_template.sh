@@ -1,0 +1,61 @@
+#!/bin/bash
+# Plain sbatch script for multi-node training without submitit: one torchrun per node, started by srun.
+# Edit the #SBATCH lines and the variables below, then: sbatch slurm/sbatch_template.sh
+# (#SBATCH lines are read by sbatch before the shell runs, so they cannot use shell variables.)
+#
+#SBATCH --job-name=distsft
+#SBATCH --nodes=2                  # EDIT: number of nodes
+#SBATCH --gpus-per-node=8          # EDIT: GPUs per node (drop this line on a CPU-only cluster)
+#SBATCH --ntasks-per-node=1        # one torchrun per node; torchrun starts one worker per GPU
+#SBATCH --time=04:00:00            # EDIT: wall time
+#SBATCH --partition=debug          # EDIT: partition
+#SBATCH --output=%x-%j.out
+#SBATCH --open-mode=append         # a requeued job keeps its id: append, do not truncate its log
+# USR2 goes to this batch shell (B:) 120 s before the time limit. Not to the job step: torchrun has
+# no USR2 handler and would die at once, taking its workers down without a checkpoint.
+#SBATCH --signal=B:USR2@120
+#SBATCH --requeue                  # allow `scontrol requeue` (below) and requeue after node failure
+
+RUN_DIR=runs/my-run                # EDIT: folder holding run.yaml; checkpoints go there, resume: auto finds them
+GPUS=${SLURM_GPUS_ON_NODE:-8}      # EDIT the fallback to match --gpus-per-node
+MAX_REQUEUES=3                     # give up after this many time-limit requeues
+
+# The first node of the allocation hosts the rendezvous; every node resolves it by name.
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+# A port derived from the job id: two jobs sharing a node do not collide, a requeued job keeps it.
+MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
+export MASTER_ADDR MASTER_PORT GPUS RUN_DIR
+echo "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: $SLURM_NNODES nodes x $GPUS GPUs, master $MASTER_ADDR:$MASTER_PORT"
+
+# On USR2: TERM to every process of the training step (torchrun and its workers, not this shell);
+# torchrun stops its workers and exits. (Killing srun instead would SIGKILL them after KillWait.)
+# Then requeue: the job keeps its id and resumes from the latest checkpoint in RUN_DIR.
+requeue=0
+# shellcheck disable=SC2317  # invoked by the trap
+on_usr2() {
+    echo "USR2: time limit near, stopping training to requeue"
+    requeue=1
+    scancel --signal=TERM "$SLURM_JOB_ID"
+}
+trap on_usr2 USR2
+
+# Single quotes: SLURM_NODEID differs per node, so it must be expanded by the task, not by this shell.
+# shellcheck disable=SC2016
+srun --kill-on-bad-exit=1 bash -c 'exec torchrun --nnodes "$SLURM_NNODES" --node_rank "$SLURM_NODEID" \
+    --nproc_per_node "$GPUS" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
+    launch/train.py "$RUN_DIR/run.yaml"' &
+SRUN_PID=$!
+# Running srun in the background lets the trap fire at once; a trap interrupts `wait`, so wait again
+# until srun has really exited.
+wait "$SRUN_PID"; rc=$?
+while kill -0 "$SRUN_PID" 2>/dev/null; do wait "$SRUN_PID"; rc=$?; done
+
+if ((requeue)); then
+    if ((${SLURM_RESTART_COUNT:-0} < MAX_REQUEUES)); then
+        echo "requeueing job $SLURM_JOB_ID"
+        scontrol requeue "$SLURM_JOB_ID"
+    else
+        echo "not requeueing: already requeued $MAX_REQUEUES times"
+    fi
+fi
+exit "$rc"
