@@ -33,9 +33,9 @@ from .spec import RunSpec, dump_spec, load_spec
 
 Precision = Literal["bf16", "fp16", "no"]
 
-# Fixed communication sizes instead of HF's hidden-size-derived "auto": 2e8-element buckets are the
-# DeepSpeed/HF template values for ZeRO-1/2 (with overlap_comm the buffers cost ~4.5× this in bytes, so
-# the DeepSpeed default of 5e8 would hold several GB); the ZeRO-3 values are DeepSpeed's defaults.
+# Fixed communication sizes instead of HF's hidden-size-derived "auto": 2e8-element buckets are the HF
+# template values for ZeRO-1/2 (DeepSpeed's docs: with overlap_comm the two buckets take 4.5× their size
+# at 2 bytes each, ~9 GB for its default 5e8, ~3.6 GB here); the ZeRO-3 values are DeepSpeed's defaults.
 ZERO12_BUCKET = 200_000_000
 ZERO3_REDUCE_BUCKET = 500_000_000
 ZERO3_PREFETCH_BUCKET = 50_000_000
@@ -127,6 +127,7 @@ def render_accelerate(spec: RunSpec, batch: Batch, precision: str, *, cuda: bool
         "num_processes": batch.world_size,
         "machine_rank": machine_rank,
         "gpu_ids": "all",
+        # Only sizes the launcher's OMP threads; ranks learn about the CPU from launch_env / use_cpu.
         "use_cpu": not cuda,
         # Static rendezvous at main_process_ip:port with --node_rank = machine_rank. (accelerate 1.15 reads
         # same_network only from its command line; without it the same address goes to torchrun as
