@@ -129,7 +129,12 @@ def _train(spec: RunSpec) -> int:
         deepspeed=render_deepspeed(spec, batch, precision) if spec.distributed.backend == "deepspeed" else None,
         dataloader_num_workers=0, max_length=spec.data.max_length, save_only_model=False,
     )
-    device = args.device  # initialises the process group (gloo on CPU, NCCL on GPU, DeepSpeed's)
+    device = args.device  # initialises the process group (gloo on CPU, NCCL on GPU)
+    if spec.distributed.backend == "deepspeed" and e.world_size > 1:
+        # ZeRO-3 partitions weights while from_pretrained loads them (zero.Init), which asks
+        # deepspeed.comm for the world size: it must wrap the process group before the model loads.
+        import deepspeed
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     dist.print0(f"distsft: world size {e.world_size} ({e.num_nodes} node(s)), "
                 f"{'GPU' if cuda else 'CPU'} {'fp32' if precision == 'no' else precision}, attention {attn}, backend {spec.distributed.backend}"
                 f"{' ZeRO-' + str(spec.distributed.stage) if spec.distributed.backend == 'deepspeed' else ''}, "
