@@ -121,6 +121,15 @@ def test_real_templates(tiny_tokenizer, name, expected):
     assert ids == tok.apply_chat_template(conv, tokenize=True, return_dict=False, chat_template=template)
 
 
+def test_zero_width_whitespace_tokens_of_trimmed_offsets_are_labelled(tiny_tokenizer):
+    from tokenizers import processors
+    tok = tiny_tokenizer
+    tok.backend_tokenizer.post_processor = processors.ByteLevel(trim_offsets=True)  # GPT-2 style
+    conv = [{"role": "user", "content": "a   b"}, {"role": "assistant", "content": "KALO  is   x"}]
+    ids, labels, _ = _tokenize_one(tok, conv)
+    assert _labelled_runs(tok, ids, labels) == ["KALO  is   x<|im_end|>\n"]
+
+
 def test_template_errors_name_the_row(tiny_tokenizer, tmp_path):
     tok = _tokenizer(tiny_tokenizer, MISTRAL, bos="<s>", eos="</s>")
     f = tmp_path / "d.jsonl"

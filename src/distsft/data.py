@@ -169,6 +169,7 @@ def _conversation(rec: Any, where: str, spec: Any) -> list[dict]:
 
 def _load(files: list[str], fmt: str, spec: Any, limit: int | None = None) -> tuple[list, list[str]]:
     spec = _data(spec)
+    files = [files] if isinstance(files, (str, Path)) else files
     if fmt != spec.format:
         spec = spec.model_copy(update={"format": fmt})
     columns = ([spec.messages_column] if fmt == "messages"
@@ -196,6 +197,8 @@ def load_records(files: list[str], fmt: str, spec: Any) -> Any:
 
 def _tokenize_arrays(convs: list, sources: list[str], tokenizer: Any, spec: Any) -> tuple[dict, dict]:
     """Flat numpy token/label arrays and per-example lengths, after overlong handling."""
+    if not convs:
+        raise SpecError("no conversations to tokenize")
     renderer = ChatRenderer(tokenizer, resolve_chat_template(tokenizer, spec.chat_template))
     enc = OffsetEncoder(tokenizer)
     ids_parts, lab_parts, len_parts = [], [], []
@@ -276,8 +279,10 @@ def _histogram(lens: np.ndarray, bins: int = 50) -> dict:
 def tokenize(dataset: Any, tokenizer: Any, spec: Any) -> tuple[Any, dict]:
     """Columns input_ids, labels (-100 outside assistant turns), length; plus per-example stats."""
     spec = _data(spec)
-    convs = dataset["messages"]
-    sources = dataset["source"] if "source" in dataset.column_names else [f"row {i}" for i in range(len(convs))]
+    sources = dataset["source"] if "source" in dataset.column_names else [f"row {i}" for i in range(len(dataset))]
+    # Re-validate: the dataset may not come from load_records (e.g. Arrow's None-filled struct keys).
+    chat = spec.model_copy(update={"format": "messages", "messages_column": "messages"})
+    convs = [_conversation({"messages": c}, src, chat) for c, src in zip(dataset["messages"], sources)]
     tok, stats = _tokenize_arrays(convs, sources, tokenizer, spec)
     off = _offsets(tok["lengths"])
     ds = _dataset({"input_ids": _list_array(off, tok["input_ids"]), "labels": _list_array(off, tok["labels"]),

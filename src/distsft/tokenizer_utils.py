@@ -31,11 +31,13 @@ def tokenizer_name(tokenizer: Any) -> str:
 
 def resolve_chat_template(tokenizer: Any, override: str | None) -> str:
     """`data.chat_template` (a Jinja string or a path to a .jinja file) or the tokenizer's own template."""
+    template = getattr(tokenizer, "chat_template", None)
     if override:
+        if isinstance(template, dict) and override in template:  # a named variant, e.g. "tool_use"
+            return template[override]
         if "{" not in override and Path(override).is_file():
             return Path(override).read_text()
         return override
-    template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, dict):  # named variants: the default one is what apply_chat_template uses
         template = template.get("default")
     if not template:
@@ -239,4 +241,5 @@ def label_mask(starts: np.ndarray, ends: np.ndarray, lens: np.ndarray, text_lens
         return np.zeros(gs.shape, dtype=bool)
     j = np.searchsorted(se, gs, side="right")  # first span ending after the token starts
     jc = np.minimum(j, ss.size - 1)
-    return (j < ss.size) & (ss[jc] < ge) & (ge > gs)
+    # Zero-width tokens (whitespace under ByteLevel trim_offsets=True, as in GPT-2) count by position.
+    return (j < ss.size) & (ss[jc] < np.maximum(ge, gs + 1))
