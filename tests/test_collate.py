@@ -57,6 +57,10 @@ def test_eager_mask_is_additive_float_and_flash_is_padding_free():
     assert fa["position_ids"][0, 24:37].tolist() == [*range(9), *range(4)]
     with pytest.raises(ValueError, match="supports"):
         PackedCollator(PAD, "auto")
+    with pytest.raises(KeyError, match="remove_unused_columns=False"):
+        PackedCollator(PAD, "sdpa")([{"input_ids": [1, 2], "labels": [1, 2]}])
+    with pytest.raises(ValueError, match="do not sum"):
+        PackedCollator(PAD, "sdpa")([{"input_ids": [1, 2], "labels": [1, 2], "seq_lengths": [1]}])
 
 
 def _per_example(model, ex):

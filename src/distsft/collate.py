@@ -39,9 +39,13 @@ class PackedCollator:
         return n if not m else -(-n // m) * m
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if "seq_lengths" not in rows[0]:
+            # Without it a packed row would silently be one long example. HF Trainer drops columns that
+            # are not forward() arguments unless remove_unused_columns=False.
+            raise KeyError("rows have no 'seq_lengths' (set TrainingArguments.remove_unused_columns=False)")
         ids = [np.asarray(r["input_ids"], dtype=np.int64) for r in rows]
         labels = [np.asarray(r["labels"], dtype=np.int64) for r in rows]
-        seqs = [np.asarray(r.get("seq_lengths", [len(i)]), dtype=np.int64) for r, i in zip(rows, ids)]
+        seqs = [np.asarray(r["seq_lengths"], dtype=np.int64) for r in rows]
         for i, s in zip(ids, seqs):
             if int(s.sum()) != len(i):
                 raise ValueError(f"seq_lengths {s.tolist()} do not sum to the row length {len(i)}")
