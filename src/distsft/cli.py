@@ -38,7 +38,8 @@ def _data_stats(spec: Any) -> tuple[dict[str, Any] | None, str | None]:
         from .model import load_tokenizer
         from . import dist
         _configure_logging(dist.env())
-        return prepare_split(spec, load_tokenizer(spec), "train")[1], None
+        # Local files and the HF cache only: a plan must not hang on hub retries when offline.
+        return prepare_split(spec, load_tokenizer(spec, local_files_only=True), "train")[1], None
     except SpecError as exc:
         return None, str(exc)
 
@@ -110,6 +111,8 @@ def _print_plan(spec: Any, p: Any, mem: dict[str, Any] | None, why: str | None, 
                                      f"{mem['model_states_gb']:.1f} + activations {mem['activations_gb']:.1f})"))
         for label, gb in mem.get("per_stage_gb", {}).items():
             rows.append(("", f"{label}: {gb:.1f} GB"))
+    if not mem:
+        rows.append(("memory / GPU", "unknown (the model's config is not readable here)"))
     for k, v in rows:
         t.add_row(k, v)
     out.print(t)

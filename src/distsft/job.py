@@ -272,4 +272,9 @@ def main(argv: list[str] | None = None) -> None:
     if len(argv) != 1:
         print("usage: train.py RUN_DIR/run.yaml", file=sys.stderr)
         sys.exit(2)
-    sys.exit(run(argv[0]))
+    code = run(argv[0])
+    if dist.initialized() and code in (0, EXIT_PREEMPTED):
+        # Exiting with a live gloo group sometimes aborts the process after the work is done.
+        import torch.distributed as tdist
+        tdist.destroy_process_group()
+    sys.exit(code)

@@ -44,10 +44,10 @@ def weights_dtype(spec: RunSpec, precision: str) -> torch.dtype:
     return torch.float32
 
 
-def load_tokenizer(spec: RunSpec) -> Any:
+def load_tokenizer(spec: RunSpec, local_files_only: bool = False) -> Any:
     from transformers import AutoTokenizer
     try:
-        tok = AutoTokenizer.from_pretrained(spec.model.name_or_path,
+        tok = AutoTokenizer.from_pretrained(spec.model.name_or_path, local_files_only=local_files_only,
                                             trust_remote_code=spec.model.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise SpecError(f"model.name_or_path: cannot load a tokenizer from {spec.model.name_or_path!r}: "

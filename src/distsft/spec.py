@@ -118,9 +118,9 @@ class DistributedSpec(_Section):
             if self.offload_optimizer or self.offload_params:
                 key = "offload_optimizer" if self.offload_optimizer else "offload_params"
                 raise ValueError(f"distributed.{key} needs distributed.backend: deepspeed (ZeRO offload)")
-        if self.offload_params and (self.zero_stage or 0) < 3:
+        if self.offload_params and self.stage < 3:
             raise ValueError("distributed.offload_params needs distributed.zero_stage: 3")
-        if self.offload_optimizer and (self.zero_stage or 0) < 1:
+        if self.offload_optimizer and self.stage < 1:
             raise ValueError("distributed.offload_optimizer needs distributed.zero_stage >= 1")
         return self
 
