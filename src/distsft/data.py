@@ -398,9 +398,9 @@ def prepare(spec: Any, tokenizer: Any, split: str, cache_root: str | Path) -> tu
 
 
 def default_cache_root(spec: Any) -> Path:
-    """data.cache_dir, else $DISTSFT_CACHE, else ~/.cache/distsft/data."""
+    """data.cache_dir, else $DISTSFT_CACHE_DIR, else ~/.cache/distsft/data."""
     d = _data(spec)
-    root = getattr(d, "cache_dir", None) or os.environ.get("DISTSFT_CACHE")
+    root = getattr(d, "cache_dir", None) or os.environ.get("DISTSFT_CACHE_DIR")
     return Path(root) if root else Path.home() / ".cache" / "distsft" / "data"
 
 

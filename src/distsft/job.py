@@ -26,11 +26,9 @@ def row_checksum(input_ids: Any) -> int:
     ids = np.asarray(input_ids, dtype=np.int64)
     return int((ids * (np.arange(len(ids)) % 7919 + 1)).sum() % 1_000_003)
 
-DEFAULT_CACHE = Path(os.environ.get("DISTSFT_CACHE_DIR", Path.home() / ".cache" / "distsft" / "data"))
-
-
 def cache_root(spec: RunSpec) -> Path:
-    return Path(spec.data.cache_dir) if spec.data.cache_dir else DEFAULT_CACHE
+    from .data import default_cache_root
+    return default_cache_root(spec)
 
 
 def prepare_split(spec: RunSpec, tokenizer: Any, split: str) -> tuple[Any, dict[str, Any]]:
@@ -109,7 +107,7 @@ def _train(spec: RunSpec) -> int:
     t = spec.train
     resume = checkpoint.resolve_resume(spec.checkpoint.resume, out)
     if resume is not None:
-        _check_resume_compatible(checkpoint.read_marker(resume), spec, batch, e)
+        check_resume_compatible(checkpoint.read_marker(resume), spec, batch)
 
     args = SFTConfig(
         output_dir=str(out), per_device_train_batch_size=batch.per_device_train_batch_size,
@@ -221,7 +219,8 @@ def _checkpointing_args(enabled: bool) -> dict[str, Any]:
     return {name: True, f"{name}_kwargs": {"use_reentrant": False}}
 
 
-def _check_resume_compatible(marker: dict[str, Any], spec: RunSpec, batch: Any, e: dist.DistEnv) -> None:
+def check_resume_compatible(marker: dict[str, Any], spec: RunSpec, batch: Any) -> None:
+    """Refuse a resume that would silently change the global batch or the data order."""
     if marker.get("global_batch_size") != batch.global_batch_size:
         raise SpecError(
             f"the checkpoint was trained with global batch {marker.get('global_batch_size')} but this run "
@@ -230,10 +229,10 @@ def _check_resume_compatible(marker: dict[str, Any], spec: RunSpec, batch: Any, 
     if marker.get("seed") != spec.train.seed:
         raise SpecError(f"the checkpoint used train.seed={marker.get('seed')}; resuming with seed "
                         f"{spec.train.seed} would change the data order")
-    if spec.distributed.backend == "deepspeed" and marker.get("world_size") != e.world_size:
+    if spec.distributed.backend == "deepspeed" and marker.get("world_size") != batch.world_size:
         raise SpecError(
             f"this DeepSpeed checkpoint was written by {marker.get('world_size')} processes; resuming on "
-            f"{e.world_size} needs DeepSpeed's universal checkpoint conversion, which distsft does not do yet: "
+            f"{batch.world_size} needs DeepSpeed's universal checkpoint conversion, which distsft does not do yet: "
             f"resume with {marker.get('world_size')} processes, or use backend ddp")
 
 

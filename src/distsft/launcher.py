@@ -28,9 +28,13 @@ def prepare(spec: RunSpec, cuda: bool) -> dict[str, Any]:
     """Everything that can fail on bad input, done once here so it fails before any rank starts (exit 2);
     it also leaves the tokenized, packed data in the cache for the ranks to memory-map."""
     from . import model as model_lib
-    from .job import _configure_logging, prepare_split
+    from .job import _configure_logging, check_resume_compatible, prepare_split
+    from .plan import batch_for
     from . import dist
     _configure_logging(dist.env())
+    resume = checkpoint.resolve_resume(spec.checkpoint.resume, spec.output_dir)
+    if resume is not None:
+        check_resume_compatible(checkpoint.read_marker(resume), spec, batch_for(spec))
     model_lib.choose_attn(spec.model.attn_implementation)
     if spec.peft.method == "qlora":
         import torch
@@ -40,6 +44,13 @@ def prepare(spec: RunSpec, cuda: bool) -> dict[str, Any]:
     if spec.data.eval_files:
         prepare_split(spec, tokenizer, "eval")
     return stats
+
+
+def plot_plan(spec: RunSpec, stats: dict[str, Any]) -> None:
+    """The LR schedule and the length histogram, next to run.yaml, before training starts."""
+    from .plan import make_plan
+    from .plots import plan_plots
+    plan_plots(spec, make_plan(spec, stats), stats)
 
 
 def _rank_processes(child: subprocess.Popen) -> list[psutil.Process]:
@@ -139,7 +150,8 @@ def run(spec_path: str, overrides: list[str], gpus: int | None) -> int:
     try:
         make_plan(spec)  # batch arithmetic errors (exit 2) before anything is written
         paths = write_run_dir(spec, out, cuda=cuda, bf16_supported=bf16_ok)
-        prepare(spec, cuda)
+        stats = prepare(spec, cuda)
+        plot_plan(spec, stats)
         print(f"distsft: run dir {out} ready in {time.perf_counter() - started:.1f} s; launching", flush=True)
         extra = launch_env(spec, cuda)
         if not cuda:
