@@ -56,13 +56,12 @@ def _stepped(spec, total, warmup):
     for _ in range(total):
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
-        if spec.train.lr_scheduler_type != "reduce_lr_on_plateau":  # steps on eval loss only
-            sched.step()
+        sched.step()
     return lrs
 
 
 @pytest.mark.parametrize("sched", ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
-                                   "constant_with_warmup", "inverse_sqrt", "reduce_lr_on_plateau"])
+                                   "constant_with_warmup", "inverse_sqrt"])
 def test_lr_schedule_is_the_training_scheduler(tmp_path, sched):
     spec = _spec(tmp_path, learning_rate=1e-4, lr_scheduler_type=sched)
     lrs = plots.lr_schedule(spec, total_steps=100, warmup_steps=10)
@@ -71,7 +70,7 @@ def test_lr_schedule_is_the_training_scheduler(tmp_path, sched):
         # step 1 runs at lr 0, the peak is reached after warmup, then it decays towards 0
         assert lrs[0] == 0 and lrs[10] == pytest.approx(1e-4) and 0 < lrs[-1] < 1e-5
         assert lrs[5] == pytest.approx(0.5e-4)
-    elif sched in ("constant", "reduce_lr_on_plateau"):
+    elif sched == "constant":
         assert set(lrs) == {1e-4}
     _check_png(plots.lr_schedule_png(spec, 100, 10, tmp_path / "lr.png"))
 
@@ -101,9 +100,3 @@ def test_run_end_plots_loss_curves(tmp_path):
 def test_tick_labels(lo, hi, labels):
     ticks, step = plots.nice_ticks(lo, hi)
     assert [plots.fmt_tick(t, step) for t in ticks] == labels
-
-
-def test_scheduler_needing_kwargs_is_skipped_with_a_warning(tmp_path, capsys):
-    spec = _spec(tmp_path, max_steps=50, lr_scheduler_type="cosine_with_min_lr")
-    assert plots.plan_plots(spec, make_plan(spec), None) == []
-    assert "lr_schedule.png not drawn: cosine_with_min_lr" in capsys.readouterr().err

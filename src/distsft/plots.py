@@ -9,7 +9,6 @@ from typing import Any, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
-from . import dist
 
 SIZE = (960, 560)
 MARGIN = {"left": 100, "right": 30, "top": 56, "bottom": 72}
@@ -152,10 +151,9 @@ def lr_schedule(spec: Any, total_steps: int, warmup_steps: int) -> list[float]:
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base)
     sched = get_scheduler(spec.train.lr_scheduler_type, opt, num_warmup_steps=warmup_steps,
                           num_training_steps=total_steps)
-    if isinstance(sched, LambdaLR):
-        # What LambdaLR.step() sets before step s + 1, without stepping an optimizer 100k times.
-        return [base * sched.lr_lambdas[0](s) for s in range(total_steps)]
-    return [base] * total_steps  # reduce_lr_on_plateau: constant until the eval loss stalls
+    assert isinstance(sched, LambdaLR), "spec.SCHEDULERS holds LambdaLR schedules only"
+    # What LambdaLR.step() sets before step s + 1, without stepping an optimizer 100k times.
+    return [base * sched.lr_lambdas[0](s) for s in range(total_steps)]
 
 
 def lr_schedule_png(spec: Any, total_steps: int, warmup_steps: int, path: Path) -> Path:
@@ -223,10 +221,7 @@ def plan_plots(spec: Any, plan: Any, stats: dict[str, Any] | None) -> list[Path]
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path | None] = []
     if plan.total_steps:
-        try:
-            written.append(lr_schedule_png(spec, plan.total_steps, plan.warmup_steps or 0, out / "lr_schedule.png"))
-        except (ValueError, TypeError) as exc:  # a scheduler that needs lr_scheduler_kwargs
-            dist.warn(f"lr_schedule.png not drawn: {spec.train.lr_scheduler_type}: {exc}")
+        written.append(lr_schedule_png(spec, plan.total_steps, plan.warmup_steps or 0, out / "lr_schedule.png"))
     if stats:
         written.append(length_histogram_png(stats, spec.data.max_length, out / "length_histogram.png"))
     return [p for p in written if p is not None]
