@@ -119,3 +119,26 @@ def test_kill_9_of_one_rank_ends_the_job_within_60s_naming_the_rank(tmp_path):
     assert time.time() - t0 < 60
     assert proc.returncode not in (0, EXIT_PREEMPTED)
     assert "rank 1" in text.lower() or "local_rank: 1" in text
+
+
+def test_disk_full_while_saving_is_a_clear_error_and_the_previous_checkpoint_survives(tmp_path):
+    import subprocess
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    # Room for one checkpoint of the tiny model (~1.8 MB) but not for a second one beside it.
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)]).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        out = mnt / "run"
+        spec = h.write_spec(tmp_path / "spec.yaml", out)
+        p = h.run("run", spec, "--gpus", "2", "train.max_steps=12", "checkpoint.save_steps=3",
+                  "checkpoint.save_total_limit=1")
+        text = p.stdout + p.stderr
+        assert p.returncode not in (0, EXIT_PREEMPTED)
+        assert "no space left while writing" in text and "checkpoint-3, is intact" in text
+        assert (out / "checkpoint-3" / MARKER).exists()
+        assert not (out / "checkpoint-6").exists()  # the partial one was removed, not left to load
+        from safetensors.torch import load_file
+        assert load_file(out / "checkpoint-3" / "model.safetensors")
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)])

@@ -8,6 +8,7 @@ killed mid-save leaves a directory that is never loaded.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -23,6 +24,26 @@ MARKER = "distsft_complete.json"
 PREEMPTED = "PREEMPTED"  # written into OUTPUT_DIR when a run stopped on a signal after saving
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on a signal after a complete checkpoint; rerun to resume
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
+
+
+class DiskFullError(Exception):
+    """A checkpoint could not be written for lack of space; the previous complete one is intact."""
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def is_disk_full(exc: BaseException, output_dir: str | Path) -> bool:
+    """Python I/O says ENOSPC; torch.save only says "iostream error" or "file write failed", so a
+    failed save also counts as disk-full when there is no longer room for another checkpoint."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if "no space left" in str(exc).lower():
+        return True
+    last = latest_complete(output_dir)
+    needed = _size(last) if last else 64 * 2**20
+    return shutil.disk_usage(output_dir).free < needed
 
 
 def checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:

@@ -67,10 +67,17 @@ def run(run_yaml: str) -> int:
     except SpecError as exc:
         dist.warn(f"error: {exc}")
         return 2
+    except checkpoint.DiskFullError as exc:
+        dist.warn(f"error: {exc}")
+        return 1
     except KeyboardInterrupt:
         dist.warn("interrupted")
         return 130
-    except Exception:  # noqa: BLE001 - the last word from a rank must say which rank failed
+    except Exception as exc:  # noqa: BLE001 - the last word from a rank must say which rank failed
+        if "closed by peer" in str(exc) or "Connection reset" in str(exc):
+            # A consequence, not a cause: another rank died; its own message (or the launcher) names it.
+            dist.warn(f"rank {e.rank}: lost contact with another rank, which failed or was killed; stopping")
+            return 1
         dist.warn(f"rank {e.rank} failed:\n{traceback.format_exc()}")
         return 1
 

@@ -5,6 +5,7 @@ forward/backward, optimizer, scheduler, DDP/DeepSpeed and checkpoint contents ar
 from __future__ import annotations
 
 import resource
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,11 +147,21 @@ class DistSFTTrainer(SFTTrainer):
 
     # ------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        super()._save_checkpoint(model, trial)
+        path = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        try:
+            super()._save_checkpoint(model, trial)
+        except (OSError, RuntimeError) as exc:
+            if not checkpoint.is_disk_full(exc, self.args.output_dir):
+                raise
+            shutil.rmtree(path, ignore_errors=True)  # never loaded (no marker); give the space back
+            last = checkpoint.latest_complete(self.args.output_dir)
+            raise checkpoint.DiskFullError(
+                f"no space left while writing {path}: {str(exc).splitlines()[0]}. The newest complete "
+                f"checkpoint, {last.name if last else '(none yet)'}, is intact; free space and rerun the "
+                "same command to resume") from None
         # Every rank has written its shards (ZeRO) / RNG state; only now does the checkpoint count.
         dist.barrier()
         if self.is_world_process_zero():
-            path = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
             info = dict(self.ctx.marker_info, step=self.state.global_step,
                         rows_consumed=self.state.global_step * self.ctx.order.global_batch,
                         world_size=dist.env().world_size, time=time.time())
