@@ -5,6 +5,7 @@ Every user-caused error (spec, data, command line) ends in one message and exit 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -52,20 +53,22 @@ def plan(spec_path: Path = typer.Argument(..., metavar="SPEC"), overrides: Optio
     """Validate the spec and show the plan: batch arithmetic, data, steps, memory."""
     from .plan import make_plan
     from .spec import load_spec
-    try:
-        spec = load_spec(spec_path, overrides, nodes=nodes, gpus=gpus)
-        make_plan(spec)  # batch errors first, before touching data
-        stats, why = (None, "skipped (--no-data)") if no_data else _data_stats(spec)
-        p = make_plan(spec, stats)
-    except SpecError as exc:
-        _fail(str(exc))
-        return
-    from .memory import estimate
-    mem = estimate(spec, p)
-    if mem:
-        p.num_parameters = mem.get("num_parameters")
-        p.memory_gb_per_gpu = mem.get("per_stage_gb", {})
-    plots = _plots(spec, p, stats)
+    # Libraries print to stdout (DeepSpeed's accelerator notice); keep stdout for the plan itself.
+    with contextlib.redirect_stdout(sys.stderr):
+        try:
+            spec = load_spec(spec_path, overrides, nodes=nodes, gpus=gpus)
+            make_plan(spec)  # batch errors first, before touching data
+            stats, why = (None, "skipped (--no-data)") if no_data else _data_stats(spec)
+            p = make_plan(spec, stats)
+        except SpecError as exc:
+            _fail(str(exc))
+            return
+        from .memory import estimate
+        mem = estimate(spec, p)
+        if mem:
+            p.num_parameters = mem.get("num_parameters")
+            p.memory_gb_per_gpu = mem.get("per_stage_gb", {})
+        plots = _plots(spec, p, stats)
     if as_json:
         d = p.to_dict()
         d["memory"] = mem
