@@ -89,16 +89,36 @@ def test_eval_loss_does_not_depend_on_packing_batch_size_or_process_count(tmp_pa
 
 
 def test_step_one_loss_agrees_across_ddp_and_deepspeed_zero(tmp_path):
+    ds = ["distributed.backend=deepspeed"]
     first = {}
-    for name, args in {"ddp": [], "zero2": ["distributed.backend=deepspeed", "distributed.zero_stage=2"],
-                       "zero3": ["distributed.backend=deepspeed", "distributed.zero_stage=3"]}.items():
+    for name, args in {"ddp": [], "zero1": ds + ["distributed.zero_stage=1"],
+                       "zero2": ds + ["distributed.zero_stage=2"],
+                       "zero2_offload": ds + ["distributed.zero_stage=2", "distributed.offload_optimizer=true"],
+                       "zero3": ds + ["distributed.zero_stage=3"]}.items():
         out = tmp_path / name
         spec = h.write_spec(tmp_path / f"{name}.yaml", out)
         h.run("run", spec, "--gpus", "2", "train.max_steps=2", *args, check=True, timeout=400)
         first[name] = h.train_losses(out)[1]
         assert (out / "model.safetensors").exists() or list(out.glob("model*.safetensors")), name
-    assert first["zero2"] == pytest.approx(first["ddp"], abs=1e-4)
-    assert first["zero3"] == pytest.approx(first["ddp"], abs=1e-4)
+    for name in ("zero1", "zero2", "zero2_offload", "zero3"):
+        assert first[name] == pytest.approx(first["ddp"], abs=1e-4), name
+
+
+@pytest.mark.parametrize("launcher", ["accelerate", "torchrun"])
+def test_users_can_launch_the_rendered_run_dir_themselves(tmp_path, launcher):
+    import subprocess
+    import sys
+    out = tmp_path / "run"
+    spec = h.write_spec(tmp_path / "spec.yaml", out)
+    h.run("render", spec, "--gpus", "2", "train.max_steps=3", "--out", out, check=True)
+    cmd = {"accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                          str(out / "accelerate.yaml")],
+           "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]}[launcher]
+    p = subprocess.run([*cmd, str(h.ROOT / "launch" / "train.py"), str(out / "run.yaml")], capture_output=True,
+                       text=True, env=h.env(), cwd=h.ROOT, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert sorted(h.train_losses(out)) == [1, 2, 3]
+    assert "world size 2" in p.stdout
 
 
 def test_lora_with_merged_output_and_qlora_train_and_load(tmp_path):
@@ -107,7 +127,7 @@ def test_lora_with_merged_output_and_qlora_train_and_load(tmp_path):
     out = tmp_path / "lora"
     spec = h.write_spec(tmp_path / "lora.yaml", out)
     h.run("run", spec, "--gpus", "2", "peft.method=lora", "peft.r=8", "checkpoint.save_merged=true",
-          "train.learning_rate=1e-2", check=True)
+          "train.learning_rate=1e-2", "train.gradient_checkpointing=true", check=True)
     losses = list(h.train_losses(out).values())
     assert losses[-1] < losses[0]
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(h.TINY), out)
