@@ -219,8 +219,13 @@ class RunSpec(_Section):
                              "(4-bit weights cannot be partitioned by ZeRO-3); use zero_stage 0-2")
         if self.peft.method == "qlora" and self.train.fp16:
             raise ValueError("peft.method=qlora computes in bf16; set train.fp16: false")
-        if self.checkpoint.load_best_at_end and not (self.data.eval_files and self.train.eval_steps):
-            raise ValueError("checkpoint.load_best_at_end needs data.eval_files and train.eval_steps")
+        if self.checkpoint.load_best_at_end:
+            if not (self.data.eval_files and self.train.eval_steps):
+                raise ValueError("checkpoint.load_best_at_end needs data.eval_files and train.eval_steps")
+            if not self.checkpoint.save_steps or self.checkpoint.save_steps % self.train.eval_steps:
+                raise ValueError(f"checkpoint.load_best_at_end needs checkpoint.save_steps "
+                                 f"({self.checkpoint.save_steps}) to be a multiple of train.eval_steps "
+                                 f"({self.train.eval_steps}), so every saved checkpoint has an eval loss")
         if self.logging.generation_steps and not self.logging.generation_prompts:
             raise ValueError("logging.generation_steps needs logging.generation_prompts")
         return self
