@@ -87,6 +87,10 @@ def _plots(spec: Any, p: Any, stats: dict[str, Any] | None) -> list[str]:
     return [str(x) for x in plan_plots(spec, p, stats)]
 
 
+def _gb(x: float) -> str:
+    return f"{x:.1f}" if x >= 1 else f"{x:.3f}"
+
+
 def _print_plan(spec: Any, p: Any, mem: dict[str, Any] | None, why: str | None, plots: list[str]) -> None:
     out = Console()
     t = Table(title=f"distsft plan — {spec.model.name_or_path}", show_header=False, title_justify="left")
@@ -110,10 +114,10 @@ def _print_plan(spec: Any, p: Any, mem: dict[str, Any] | None, why: str | None, 
     ]
     if mem:
         rows.append(("parameters", f"{mem['num_parameters']:,} ({mem.get('trainable_parameters', 0):,} trainable)"))
-        rows.append(("memory / GPU", f"~{mem['total_gb']:.1f} GB (estimate; model states "
-                                     f"{mem['model_states_gb']:.1f} + activations {mem['activations_gb']:.1f})"))
+        rows.append(("memory / GPU", f"~{_gb(mem['total_gb'])} GB (estimate; model states "
+                                     f"{_gb(mem['model_states_gb'])} + activations {_gb(mem['activations_gb'])})"))
         for label, gb in mem.get("per_stage_gb", {}).items():
-            rows.append(("", f"{label}: {gb:.1f} GB"))
+            rows.append(("", f"{label}: {_gb(gb)} GB"))
     if not mem:
         rows.append(("memory / GPU", "unknown (the model's config is not readable here)"))
     for k, v in rows:
