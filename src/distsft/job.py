@@ -207,7 +207,7 @@ def _train(spec: RunSpec) -> int:
         (out / checkpoint.PREEMPTED).unlink(missing_ok=True)
         if spec.checkpoint.save_merged and spec.peft.method != "none":
             model_lib.save_merged(str(out), str(out / "merged"), torch.bfloat16 if precision == "bf16" else torch.float32)
-        _summary(out, ctx.history, started, spec)
+        _summary(out, ctx.history, started, spec, trainer.state.global_step)
         from .plots import run_end_plots
         for path in run_end_plots(out, ctx.history):
             print(f"  plot             {path}", flush=True)
@@ -252,12 +252,12 @@ def _record_start(out: Path, e: dist.DistEnv, spec: RunSpec, batch: Any, stats: 
         f.write(json.dumps(rec) + "\n")
 
 
-def _summary(out: Path, history: list[dict[str, Any]], started: float, spec: RunSpec) -> None:
+def _summary(out: Path, history: list[dict[str, Any]], started: float, spec: RunSpec, steps: int) -> None:
     train = [h for h in history if "loss" in h]
     evals = [h for h in history if "eval_loss" in h]
     tps = [h["tokens_per_second"] for h in train if h.get("tokens_per_second")]
     lines = ["", "run complete",
-             f"  steps            {train[-1]['step'] if train else 0}",
+             f"  steps            {steps}" + ("" if train else " (already complete: nothing left to train)"),
              f"  loss             {train[0]['loss']:.4f} (first) → {train[-1]['loss']:.4f} (last)" if train else "",
              f"  eval loss        {evals[-1]['eval_loss']:.4f}" if evals else "",
              f"  tokens/s         {sum(tps) / len(tps):,.0f} (mean over logging steps)" if tps else "",
