@@ -59,11 +59,14 @@ def _configure_logging(e: dist.DistEnv) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def run(run_yaml: str) -> int:
+def run(run_yaml: str, flag: checkpoint.PreemptionFlag | None = None) -> int:
+    """Train one rank. `flag` lets a caller (the SLURM task) see which signals stopped training."""
     e = dist.env()
+    # First thing: a preemption signal that arrives while the libraries load must not kill the rank.
+    flag = (flag or checkpoint.PreemptionFlag()).install()
     try:
         spec = load_spec(run_yaml)
-        return _train(spec)
+        return _train(spec, flag)
     except SpecError as exc:
         dist.warn(f"error: {exc}")
         return 2
@@ -82,7 +85,7 @@ def run(run_yaml: str) -> int:
         return 1
 
 
-def _train(spec: RunSpec) -> int:
+def _train(spec: RunSpec, flag: checkpoint.PreemptionFlag) -> int:
     import torch
     from trl import SFTConfig
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -100,7 +103,6 @@ def _train(spec: RunSpec) -> int:
 
     e = dist.env()
     _configure_logging(e)
-    flag = checkpoint.PreemptionFlag().install()
     out = Path(spec.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     lock = checkpoint.OutputLock(out)
@@ -217,13 +219,12 @@ def _train(spec: RunSpec) -> int:
 
 
 def _checkpointing_args(enabled: bool) -> dict[str, Any]:
-    """Gradient checkpointing with use_reentrant=False, under the name this transformers version uses."""
+    """Gradient checkpointing exactly as the spec says (TRL's own default is on), with
+    use_reentrant=False, under the name this transformers version uses."""
     from trl import SFTConfig
-    if not enabled:
-        return {}
     name = "activation_checkpointing" if "activation_checkpointing" in SFTConfig.__dataclass_fields__ \
         else "gradient_checkpointing"
-    return {name: True, f"{name}_kwargs": {"use_reentrant": False}}
+    return {name: enabled, f"{name}_kwargs": {"use_reentrant": False} if enabled else None}
 
 
 def check_resume_compatible(marker: dict[str, Any], spec: RunSpec, batch: Any) -> None:

@@ -130,8 +130,7 @@ class RankTask:
         e = dist.env()
         dist.export_torch_env(e)
         e = dist.env()
-        checkpoint.PreemptionFlag = _SlurmFlag  # type: ignore[misc]  # job.run builds its flag from it
-        code = job.run(self.run_yaml)
+        code = job.run(self.run_yaml, flag=_SlurmFlag())
         if code == EXIT_PREEMPTED:
             self._after_preemption(e, jenv)  # returns only when the job is not requeued
             raise RankFailed(e.rank, code, "preempted; not requeued")
