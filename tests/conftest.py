@@ -2,6 +2,9 @@ from pathlib import Path
 
 import pytest
 
+# The session fixture that starts the local SLURM cluster (slurm/local-cluster.sh) on first use.
+pytest_plugins = ["slurm_cluster"]
+
 TINY_MODEL_DIR = Path(__file__).resolve().parents[1] / "examples" / "tiny-llama"
 
 

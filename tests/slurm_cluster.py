@@ -6,7 +6,7 @@ session unless it already runs, and stops it at the end only if it started it. I
 only when the script could not install SLURM because apt-get cannot reach the package registry.
 
 Register it from tests/conftest.py with ``pytest_plugins = ["slurm_cluster"]``, or import it into a
-test module: ``from slurm_cluster import slurm_cluster  # noqa: F401``.
+test module: tests/conftest.py registers it (``pytest_plugins``).
 
 Job ids restart at 1 on a fresh state dir: give every submitit executor a fresh folder (tmp_path).
 """

@@ -19,7 +19,7 @@ import pytest
 
 import helpers as h
 from distsft.checkpoint import EXIT_PREEMPTED, MARKER
-from slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (fixture)
+from slurm_cluster import SlurmCluster
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 

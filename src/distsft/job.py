@@ -26,6 +26,7 @@ def row_checksum(input_ids: Any) -> int:
     ids = np.asarray(input_ids, dtype=np.int64)
     return int((ids * (np.arange(len(ids)) % 7919 + 1)).sum() % 1_000_003)
 
+
 def cache_root(spec: RunSpec) -> Path:
     from .data import default_cache_root
     return default_cache_root(spec)
