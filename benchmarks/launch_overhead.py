@@ -38,7 +38,7 @@ TRL_FIRST = r"^PLAIN_TRL first_step "
 
 
 def one(side: str, cache: str, work: Path, data: Path, i: int, src: Path | None = None) -> dict:
-    caches = work / f"caches-{i}"
+    caches = work / f"caches-{side}-{i}"  # per side: a cold TRL run must not empty distsft's cache
     if cache == "cold":
         C.fresh(caches)
     env = C.bench_env(DISTSFT_CACHE_DIR=str(caches / "distsft"), HF_DATASETS_CACHE=str(caches / "hf"))
