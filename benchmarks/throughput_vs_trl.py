@@ -59,6 +59,55 @@ def run_trl(work: Path, data: Path, steps: int, i: int, env: dict, gc: str) -> d
     return res
 
 
+def layout_micro(reps: int = 5, rounds: int = 3) -> None:
+    """Why the sides differ on CPU/sdpa: one rank's forward+backward of the same 4 packed rows of 512
+    tokens, as distsft's PackedCollator lays them out ([4, 512] + a per-row block-diagonal 4D mask) and
+    as TRL's padding-free collator does ([1, 2048] with position_ids; transformers builds a 2048 x 2048
+    block mask for sdpa, so attention costs (4 x 512)^2 instead of 4 x 512^2). 1 thread, alternating."""
+    import numpy as np
+    import time
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+    from distsft.collate import PackedCollator
+    torch.set_num_threads(1)
+    model = AutoModelForCausalLM.from_pretrained(C.TINY, dtype=torch.float32, attn_implementation="sdpa").train()
+    rng = np.random.default_rng(0)
+
+    def rows():
+        out = []
+        for _ in range(C.PER_DEVICE):
+            lens = []
+            while sum(lens) < C.MAX_LENGTH - 40:
+                lens.append(int(rng.integers(20, 70)))
+            lens[-1] -= sum(lens) - C.MAX_LENGTH
+            ids = rng.integers(5, 500, size=C.MAX_LENGTH).tolist()
+            out.append({"input_ids": ids, "labels": ids, "seq_lengths": lens})
+        return out
+
+    def step(batch):
+        batch = {k: v for k, v in batch.items() if k != "seq_idx"}
+        model(**batch).loss.backward()
+
+    sides = {"distsft [4, 512] + 4D mask": PackedCollator(0, "sdpa"),
+             "TRL padding-free [1, 2048]": DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)}
+    ms: dict[str, list[float]] = {k: [] for k in sides}
+    for _ in range(rounds):
+        for name, col in sides.items():
+            step(col(rows()))
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                step(col(rows()))
+            ms[name].append((time.perf_counter() - t0) / reps * 1000)
+    print(f"\n`{C.command_line()}`  \n{C.machine()}; {C.versions()}\n")
+    print("| layout of one micro-batch (4 rows x 512 tokens, tiny Llama, sdpa, fp32, 1 thread) | forward+backward ms (each round) | median |")
+    print("|---|---|---|")
+    for name, v in ms.items():
+        print(f"| {name} | {', '.join(f'{x:.0f}' for x in v)} | {sorted(v)[len(v) // 2]:.0f} |")
+    a, b = (sorted(v)[len(v) // 2] for v in ms.values())
+    print(f"\nTRL / distsft time per micro-batch: {b / a:.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=20_000, help="training examples (synthetic chats)")
@@ -73,7 +122,11 @@ def main() -> None:
                     help="spec train.gradient_checkpointing: true (default: false, the spec default)")
     ap.add_argument("--trl-gc", choices=["default", "on", "off"], default="default",
                     help="plain TRL's activation checkpointing (default: SFTConfig's default, on)")
+    ap.add_argument("--layout-micro", action="store_true",
+                    help="only the in-process micro-benchmark of the two batch layouts (see layout_micro)")
     a = ap.parse_args()
+    if a.layout_micro:
+        return layout_micro()
 
     work = a.work
     work.mkdir(parents=True, exist_ok=True)
