@@ -16,7 +16,9 @@ the figure of merit; steps/s is shown too. Peak RSS per rank is VmHWM polled fro
     python benchmarks/throughput_vs_trl.py [--n 20000] [--steps 25] [--repeat 2]
 
 --distsft-src DIR runs distsft from another copy of the package (PYTHONPATH=DIR), to measure a
-prototype fix without touching src/; --trl-gc / --distsft-gc pin activation checkpointing on a side.
+prototype fix without touching src/; --vs-src DIR compares the installed distsft against such a copy
+instead of TRL; --trl-gc / --distsft-gc pin activation checkpointing on a side; --layout-micro runs only
+the in-process forward+backward comparison of the two sides' batch layouts (see layout_micro).
 """
 
 from __future__ import annotations
