@@ -50,7 +50,10 @@ def plot_plan(spec: RunSpec, stats: dict[str, Any]) -> None:
     """The LR schedule and the length histogram, next to run.yaml, before training starts."""
     from .plan import make_plan
     from .plots import plan_plots
-    plan_plots(spec, make_plan(spec, stats), stats)
+    try:
+        plan_plots(spec, make_plan(spec, stats), stats)
+    except Exception as exc:  # noqa: BLE001 - a plot must never stop a run that is already starting
+        print(f"distsft: plan plots not drawn: {exc}", file=sys.stderr, flush=True)
 
 
 def _rank_processes(child: subprocess.Popen) -> list[psutil.Process]:
@@ -100,7 +103,9 @@ class SignalForwarder:
                 pass
 
 
-def launch(run_yaml: Path, accelerate_yaml: Path, output_dir: Path, extra_env: dict[str, str]) -> int:
+def launch(run_yaml: Path, accelerate_yaml: Path, output_dir: Path, extra_env: dict[str, str],
+           while_starting: Any = None) -> int:
+    """Start the ranks, run `while_starting()` here while they start up, forward signals, wait."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_yaml),
            "-m", ENTRY_MODULE, str(run_yaml)]
     env = dict(os.environ, DISTSFT_LOCK_HELD="1", PYTHONUNBUFFERED="1", **extra_env)
@@ -108,6 +113,8 @@ def launch(run_yaml: Path, accelerate_yaml: Path, output_dir: Path, extra_env: d
     (output_dir / checkpoint.PREEMPTED).unlink(missing_ok=True)
     child = subprocess.Popen(cmd, env=env, start_new_session=True)
     with SignalForwarder(child):
+        if while_starting is not None:
+            while_starting()
         while True:
             try:
                 rc = child.wait()
@@ -151,11 +158,11 @@ def run(spec_path: str, overrides: list[str], gpus: int | None) -> int:
         make_plan(spec)  # batch arithmetic errors (exit 2) before anything is written
         paths = write_run_dir(spec, out, cuda=cuda, bf16_supported=bf16_ok)
         stats = prepare(spec, cuda)
-        plot_plan(spec, stats)
         print(f"distsft: run dir {out} ready in {time.perf_counter() - started:.1f} s; launching", flush=True)
         extra = launch_env(spec, cuda)
         if not cuda:
             extra["DS_ACCELERATOR"] = "cpu"  # say it, instead of DeepSpeed warning on every rank
-        return launch(paths["run"], paths["accelerate"], out, extra)
+        # The plots need transformers' scheduler code (a slow import): draw them while the ranks start.
+        return launch(paths["run"], paths["accelerate"], out, extra, while_starting=lambda: plot_plan(spec, stats))
     finally:
         lock.release()
