@@ -14,7 +14,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from . import checkpoint, dist
+from . import checkpoint, dist, universal
 from .checkpoint import EXIT_PREEMPTED
 from .spec import RunSpec, SpecError, load_spec
 
@@ -118,6 +118,11 @@ def _train(spec: RunSpec, flag: checkpoint.PreemptionFlag) -> int:
     resume = checkpoint.resolve_resume(spec.checkpoint.resume, out)
     if resume is not None:
         check_resume_compatible(checkpoint.read_marker(resume), spec, batch)
+    # A ZeRO checkpoint from another process count loads through DeepSpeed's universal checkpoint.
+    load_universal = resume is not None and universal.needs_universal(resume, e.world_size)
+    ds_config = render_deepspeed(spec, batch, precision) if spec.distributed.backend == "deepspeed" else None
+    if load_universal:
+        ds_config = universal.with_load_universal(ds_config)
 
     args = SFTConfig(
         output_dir=str(out), per_device_train_batch_size=batch.per_device_train_batch_size,
@@ -134,7 +139,7 @@ def _train(spec: RunSpec, flag: checkpoint.PreemptionFlag) -> int:
         greater_is_better=False, ignore_data_skip=True, remove_unused_columns=False, packing=False,
         dataset_kwargs={"skip_prepare_dataset": True}, average_tokens_across_devices=True,
         use_cpu=not cuda, ddp_backend=None if cuda or e.world_size == 1 else "gloo", ddp_find_unused_parameters=False,
-        deepspeed=render_deepspeed(spec, batch, precision) if spec.distributed.backend == "deepspeed" else None,
+        deepspeed=ds_config,
         dataloader_num_workers=0, max_length=spec.data.max_length, save_only_model=False,
     )
     device = args.device  # initialises the process group (gloo on CPU, NCCL on GPU)
@@ -143,6 +148,10 @@ def _train(spec: RunSpec, flag: checkpoint.PreemptionFlag) -> int:
         # deepspeed.comm for the world size: it must wrap the process group before the model loads.
         import deepspeed
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    if load_universal:
+        if e.is_main:  # usually done already by `distsft run` before the ranks started: then a no-op
+            universal.convert_if_needed(resume, e.world_size)
+        dist.barrier()
     dist.print0(f"distsft: world size {e.world_size} ({e.num_nodes} node(s)), "
                 f"{'GPU' if cuda else 'CPU'} {'fp32' if precision == 'no' else precision}, attention {attn}, backend {spec.distributed.backend}"
                 f"{' ZeRO-' + str(spec.distributed.stage) if spec.distributed.backend == 'deepspeed' else ''}, "
@@ -170,6 +179,8 @@ def _train(spec: RunSpec, flag: checkpoint.PreemptionFlag) -> int:
                                   "num_rows": stats["num_rows"], "backend": spec.distributed.backend,
                                   "zero_stage": spec.distributed.stage})
 
+    from transformers import set_seed
+    set_seed(t.seed)  # before the model: LoRA adapters are initialised randomly when they are attached
     model = model_lib.load_model(spec, precision, attn, device)
     packed = PackedCollator(tokenizer.pad_token_id, attn)
 
@@ -182,6 +193,8 @@ def _train(spec: RunSpec, flag: checkpoint.PreemptionFlag) -> int:
     # Diagnostics after PreemptionCallback: it logs every save step, the preemption save included.
     diag = Diagnostics(spec, total, args.warmup_steps, steps_per_epoch=steps_per_epoch, writer=writer)
     callbacks = [PreemptionCallback(ctx, device), SinkCallback(ctx, progress), diag]
+    if load_universal:
+        callbacks.append(universal.resume_callback(resume))
     if spec.logging.generation_steps:
         callbacks.append(SampleGenerations(spec, tokenizer, writer))
     trainer = DistSFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
@@ -238,11 +251,7 @@ def check_resume_compatible(marker: dict[str, Any], spec: RunSpec, batch: Any) -
     if marker.get("seed") != spec.train.seed:
         raise SpecError(f"the checkpoint used train.seed={marker.get('seed')}; resuming with seed "
                         f"{spec.train.seed} would change the data order")
-    if spec.distributed.backend == "deepspeed" and marker.get("world_size") != batch.world_size:
-        raise SpecError(
-            f"this DeepSpeed checkpoint was written by {marker.get('world_size')} processes; resuming on "
-            f"{batch.world_size} needs DeepSpeed's universal checkpoint conversion, which distsft does not do yet: "
-            f"resume with {marker.get('world_size')} processes, or use backend ddp")
+    # A DeepSpeed ZeRO checkpoint from another process count is converted (universal.convert_if_needed).
 
 
 def _record_start(out: Path, e: dist.DistEnv, spec: RunSpec, batch: Any, stats: dict[str, Any],

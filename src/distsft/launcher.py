@@ -35,6 +35,9 @@ def prepare(spec: RunSpec, cuda: bool) -> dict[str, Any]:
     resume = checkpoint.resolve_resume(spec.checkpoint.resume, spec.output_dir)
     if resume is not None:
         check_resume_compatible(checkpoint.read_marker(resume), spec, batch_for(spec))
+        from .universal import convert_if_needed
+        # Before the ranks start: a long conversion cannot time out a collective; a failure is one message.
+        convert_if_needed(resume, batch_for(spec).world_size)
     model_lib.choose_attn(spec.model.attn_implementation)
     if spec.peft.method == "qlora":
         import torch
