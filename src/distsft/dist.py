@@ -60,6 +60,17 @@ def env() -> DistEnv:
         job_id=os.environ.get("SLURM_JOB_ID"), restart_count=_int("SLURM_RESTART_COUNT", 0))
 
 
+def slurm_cpus_per_rank() -> int | None:
+    """CPU threads each rank may use under SLURM (one task per rank), from the allocation."""
+    per_task = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if per_task.isdigit():
+        return max(1, int(per_task))
+    on_node, tasks = os.environ.get("SLURM_CPUS_ON_NODE", ""), os.environ.get("SLURM_NTASKS_PER_NODE", "1")
+    if on_node.isdigit() and tasks.isdigit() and int(tasks) > 0:
+        return max(1, int(on_node) // int(tasks))
+    return None
+
+
 def export_torch_env(e: DistEnv) -> None:
     """Under SLURM with one task per rank there is no torchrun: give torch.distributed what it reads."""
     os.environ.update({"RANK": str(e.rank), "LOCAL_RANK": str(e.local_rank), "WORLD_SIZE": str(e.world_size),

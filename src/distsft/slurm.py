@@ -90,16 +90,6 @@ def _early_handler(signum: int, frame: Any) -> None:
     _SlurmFlag.seen.add(signum)
 
 
-def _threads_per_rank() -> int | None:
-    per_task = os.environ.get("SLURM_CPUS_PER_TASK", "")
-    if per_task.isdigit():
-        return max(1, int(per_task))
-    on_node, tasks = os.environ.get("SLURM_CPUS_ON_NODE", ""), os.environ.get("SLURM_NTASKS_PER_NODE", "1")
-    if on_node.isdigit() and tasks.isdigit() and int(tasks) > 0:
-        return max(1, int(on_node) // int(tasks))
-    return None
-
-
 class RankTask:
     """What submitit runs in every task: torch.distributed's variables from SLURM, then train.
 
@@ -120,7 +110,7 @@ class RankTask:
         jenv = submitit.JobEnvironment()
         for k, v in self.env.items():
             os.environ.setdefault(k, v)
-        threads = _threads_per_rank()
+        threads = dist.slurm_cpus_per_rank()
         if threads:
             os.environ.setdefault("OMP_NUM_THREADS", str(threads))
         os.environ["MASTER_ADDR"] = jenv.hostnames[0]
