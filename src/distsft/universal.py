@@ -24,24 +24,19 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import MARKER
+from .checkpoint import read_marker
 from .spec import SpecError
 
 LATEST_UNIVERSAL = "latest_universal"
 SUFFIX = "_universal"
 _TMP_PREFIX = ".converting-"
 _STEP_DIR = re.compile(r"^global_step\d+$")
-
-
-def _marker(checkpoint_dir: Path) -> dict[str, Any]:
-    return json.loads((checkpoint_dir / MARKER).read_text())
 
 
 def deepspeed_tag(checkpoint_dir: str | Path) -> str | None:
@@ -62,7 +57,7 @@ def needs_universal(checkpoint_dir: str | Path, world_size: int) -> bool:
     checkpoint: a DeepSpeed ZeRO (stage >= 1) checkpoint written by another number of processes.
     A pure read, the same answer on every rank."""
     ckpt = Path(checkpoint_dir)
-    marker = _marker(ckpt)
+    marker = read_marker(ckpt)
     if int(marker.get("world_size", world_size)) == int(world_size):
         return False
     tag = deepspeed_tag(ckpt)
@@ -132,7 +127,7 @@ def convert(checkpoint_dir: str | Path, *, quiet: bool = True) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         (ckpt / LATEST_UNIVERSAL).unlink(missing_ok=True)  # main() may have pointed it at tmp
         tail = "\n".join(log.getvalue().strip().splitlines()[-15:])
-        world = _marker(ckpt).get("world_size")
+        world = read_marker(ckpt).get("world_size")
         raise SpecError(f"converting {ckpt / tag} to a DeepSpeed universal checkpoint failed "
                         f"({type(exc).__name__}: {exc}); resume with the {world} processes that wrote it, "
                         f"or set checkpoint.resume=never\n{tail}") from exc
@@ -151,7 +146,7 @@ def convert_if_needed(checkpoint_dir: str | Path, world_size: int) -> bool:
         return False
     ckpt = Path(checkpoint_dir)
     if not is_converted(ckpt):
-        m = _marker(ckpt)
+        m = read_marker(ckpt)
         print(f"distsft: {ckpt.name} was written by {m.get('world_size')} processes; converting its ZeRO-"
               f"{m.get('zero_stage')} state to a DeepSpeed universal checkpoint for {world_size}", flush=True)
         convert(ckpt)
