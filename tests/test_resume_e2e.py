@@ -74,7 +74,7 @@ def test_resume_on_another_process_count_keeps_global_batch_and_order(tmp_path, 
     assert_same_run(out, straight, tol=2e-4)
 
 
-def test_partial_checkpoint_is_ignored_and_second_job_on_the_same_dir_refused(tmp_path, straight):
+def test_partial_checkpoint_is_ignored(tmp_path, straight):
     out = tmp_path / "run"
     spec = h.write_spec(tmp_path / "spec.yaml", out)
     saved = preempt_at(spec, out, 3, "2")
@@ -83,16 +83,24 @@ def test_partial_checkpoint_is_ignored_and_second_job_on_the_same_dir_refused(tm
     shutil.copytree(out / f"checkpoint-{saved}", partial)
     (partial / MARKER).unlink()
     (partial / "model.safetensors").write_bytes(b"truncated")
-    proc = h.start("run", spec, "--gpus", "2", f"train.max_steps={STEPS}")
+    p = h.run("run", spec, "--gpus", "2", f"train.max_steps={STEPS}", check=True)
+    assert f"resuming from checkpoint-{saved}" in p.stdout
+    assert_same_run(out, straight, tol=1e-5)
+
+
+def test_a_second_job_on_a_live_output_dir_is_refused(tmp_path):
+    out = tmp_path / "run"
+    spec = h.write_spec(tmp_path / "spec.yaml", out)
+    proc = h.start("run", spec, "--gpus", "2", "train.max_steps=2000")
     try:
-        h.wait_for_step(out, saved + 1, proc)
+        h.wait_for_step(out, 1, proc)
         second = h.run("run", spec, "--gpus", "2")
         assert second.returncode == 2 and "in use by a live job" in second.stderr
+        assert "Traceback" not in second.stderr
     finally:
-        text = proc.communicate(timeout=300)[0]
-    assert proc.returncode == 0, text[-3000:]
-    assert f"resuming from checkpoint-{saved}" in text
-    assert_same_run(out, straight, tol=1e-5)
+        proc.send_signal(signal.SIGUSR1)
+        text = proc.communicate(timeout=120)[0]
+    assert proc.returncode == EXIT_PREEMPTED, text[-3000:]  # the live job was not disturbed
 
 
 def test_kill_9_of_one_rank_ends_the_job_within_60s_naming_the_rank(tmp_path):
