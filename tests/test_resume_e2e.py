@@ -46,6 +46,7 @@ def assert_same_run(out, straight, tol):
     for m in recs:
         ref = straight[m["step"]]
         assert m["batch_checksum"] == ref["batch_checksum"], m["step"]  # the same samples
+        assert m["tokens"] == ref["tokens"], m["step"]  # per-step figures restart cleanly after a resume
         assert abs(m["loss"] - ref["loss"]) <= tol, (m["step"], m["loss"], ref["loss"])
 
 

@@ -54,7 +54,7 @@ class DistSFTTrainer(SFTTrainer):
         # loss sum, loss tokens, real tokens, rows, batch checksum (which samples a step saw)
         self._window = torch.zeros(5, dtype=torch.float64)
         self._window_start = time.perf_counter()
-        self._window_step = 0
+        self._window_step: int | None = None  # set at the first micro-batch: the step we (re)started from
 
     # ------------------------------------------------------------------ data
     def get_train_dataloader(self) -> DataLoader:
@@ -72,6 +72,8 @@ class DistSFTTrainer(SFTTrainer):
         out = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                    num_items_in_batch=num_items_in_batch)
         if model.training and num_items_in_batch is not None:
+            if self._window_step is None:
+                self._window_start, self._window_step = time.perf_counter(), self.state.global_step
             loss = out[0] if return_outputs else out
             n_local = int((inputs["labels"][..., 1:] != -100).sum())
             # TRL returns sum(token losses) / global tokens × world; undo the scaling to get this
@@ -90,12 +92,13 @@ class DistSFTTrainer(SFTTrainer):
         super().log(logs, start_time)
 
     def _reduce_window(self) -> dict[str, float]:
-        """One collective per logging step: the global token-weighted loss and throughput figures."""
+        """Two small collectives per logging step: the global token-weighted loss and throughput
+        figures (sums) and the peak memory (max)."""
         device = self.args.device
         sums = dist.all_reduce(self._window.tolist(), "sum", device=device)
         peak = dist.all_reduce([_peak_memory_gb(device)], "max", device=device)[0]
         now = time.perf_counter()
-        steps = max(1, self.state.global_step - self._window_step)
+        steps = max(1, self.state.global_step - (self._window_step or 0))
         elapsed = now - self._window_start
         self._window.zero_()
         self._window_start, self._window_step = now, self.state.global_step
