@@ -71,6 +71,13 @@ def slurm_cpus_per_rank() -> int | None:
     return None
 
 
+LOCK_HELD_ENV = "DISTSFT_LOCK_HELD"  # set by `distsft run`, which holds the output-dir lock for its ranks
+
+
+def launcher_holds_lock() -> bool:
+    return bool(os.environ.get(LOCK_HELD_ENV))
+
+
 def export_torch_env(e: DistEnv) -> None:
     """Under SLURM with one task per rank there is no torchrun: give torch.distributed what it reads."""
     os.environ.update({"RANK": str(e.rank), "LOCAL_RANK": str(e.local_rank), "WORLD_SIZE": str(e.world_size),

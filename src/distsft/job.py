@@ -107,7 +107,7 @@ def _train(spec: RunSpec, flag: checkpoint.PreemptionFlag) -> int:
     out = Path(spec.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     lock = checkpoint.OutputLock(out)
-    if e.is_main and not os.environ.get("DISTSFT_LOCK_HELD"):
+    if e.is_main and not dist.launcher_holds_lock():
         lock.acquire()
 
     cuda, bf16_ok, _ = model_lib.cuda_info()

@@ -17,7 +17,7 @@ from typing import Any
 
 import psutil
 
-from . import checkpoint
+from . import checkpoint, dist
 from .checkpoint import EXIT_PREEMPTED, PREEMPT_SIGNALS
 from .spec import RunSpec, SpecError, load_spec
 
@@ -30,7 +30,6 @@ def prepare(spec: RunSpec, cuda: bool) -> dict[str, Any]:
     from . import model as model_lib
     from .job import _configure_logging, check_resume_compatible, prepare_split
     from .plan import batch_for
-    from . import dist
     _configure_logging(dist.env())
     resume = checkpoint.resolve_resume(spec.checkpoint.resume, spec.output_dir)
     if resume is not None:
@@ -111,7 +110,8 @@ def launch(run_yaml: Path, accelerate_yaml: Path, output_dir: Path, extra_env: d
     """Start the ranks, run `while_starting()` here while they start up, forward signals, wait."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_yaml),
            "-m", ENTRY_MODULE, str(run_yaml)]
-    env = dict(os.environ, DISTSFT_LOCK_HELD="1", PYTHONUNBUFFERED="1", **extra_env)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **extra_env)
+    env[dist.LOCK_HELD_ENV] = "1"
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, _num_processes(accelerate_yaml)))))
     (output_dir / checkpoint.PREEMPTED).unlink(missing_ok=True)
     child = subprocess.Popen(cmd, env=env, start_new_session=True)
