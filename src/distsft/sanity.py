@@ -36,7 +36,8 @@ def _mark(tokenizer: Any, ids: list[int], labels: list[int]) -> str:
     return "".join(parts)
 
 
-def check_masking(spec: RunSpec, n: int = 3) -> list[tuple[str, str]]:
+def check_masking(spec: RunSpec, n: int = 3) -> tuple[list[tuple[str, str]], dict[str, Any]]:
+    """Decoded examples with their loss tokens marked, the verdicts, and the data stats."""
     from . import data, model as model_lib
     from .job import cache_root
     tok = model_lib.load_tokenizer(spec)
@@ -57,7 +58,7 @@ def check_masking(spec: RunSpec, n: int = 3) -> list[tuple[str, str]]:
     share = stats["num_loss_tokens"] / max(1, stats["num_tokens"])
     if not results:
         results.append(("PASS", f"assistant-only loss: {share:.0%} of {stats['num_tokens']:,} tokens carry loss"))
-    return results
+    return results, stats
 
 
 def _sanity_spec(spec: RunSpec, out: Path) -> RunSpec:
@@ -96,11 +97,8 @@ def run_sanity(spec_path: str, overrides: list[str], gpus: int | None) -> int:
     user = load_spec(spec_path, overrides, gpus=gpus)
     out = Path(tempfile.mkdtemp(prefix="distsft-sanity-"))
     spec = _sanity_spec(user, out / "run")
-    results = check_masking(spec)
-    from . import data, model as model_lib
-    from .job import cache_root
-    rows = data.prepare(spec, model_lib.load_tokenizer(spec), "train", cache_root(spec))[1]["num_rows"]
-    _subset_batch(spec, rows)
+    results, stats = check_masking(spec)
+    _subset_batch(spec, stats["num_rows"])
     spec_file = out / "sanity.yaml"
     dump_spec(spec, spec_file)
     console.print(f"[dim]sanity: {STEPS} steps on {spec.data.max_train_examples} examples in {out}[/]")
