@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from distsft import data
+from distsft import data, data_cache
 from distsft.spec import DataSpec, SpecError
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"
@@ -182,7 +182,7 @@ def test_prepare_packs_caches_and_keys(tiny_tokenizer, tmp_path, monkeypatch):
     spec = DataSpec(train_files=[str(f)], max_length=128, max_train_examples=300)
     root = tmp_path / "cache"
     ds, stats = data.prepare(spec, tiny_tokenizer, "train", root)
-    key = data.cache_key(spec, tiny_tokenizer, "train")
+    key = data_cache.cache_key(spec, tiny_tokenizer, "train")
     assert sorted(p.name for p in root.iterdir()) == [key]  # no temporary directory left behind
     assert ds.column_names == ["input_ids", "labels", "seq_lengths"]
     for row in ds:
@@ -206,13 +206,13 @@ def test_prepare_packs_caches_and_keys(tiny_tokenizer, tmp_path, monkeypatch):
     assert other[:] == ds[:]  # deterministic row order
 
     keys = {key,
-            data.cache_key(spec.model_copy(update={"max_length": 256}), tiny_tokenizer, "train"),
-            data.cache_key(spec.model_copy(update={"chat_template": CHATML}), tiny_tokenizer, "train"),
-            data.cache_key(spec.model_copy(update={"packing": False}), tiny_tokenizer, "train")}
+            data_cache.cache_key(spec.model_copy(update={"max_length": 256}), tiny_tokenizer, "train"),
+            data_cache.cache_key(spec.model_copy(update={"chat_template": CHATML}), tiny_tokenizer, "train"),
+            data_cache.cache_key(spec.model_copy(update={"packing": False}), tiny_tokenizer, "train")}
     tiny_tokenizer.add_special_tokens({"additional_special_tokens": ["<|new|>"]})
-    keys.add(data.cache_key(spec, tiny_tokenizer, "train"))
+    keys.add(data_cache.cache_key(spec, tiny_tokenizer, "train"))
     f.write_text((EXAMPLES / "eval.jsonl").read_text())
-    keys.add(data.cache_key(spec, tiny_tokenizer, "train"))
+    keys.add(data_cache.cache_key(spec, tiny_tokenizer, "train"))
     assert len(keys) == 6
 
 

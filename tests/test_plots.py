@@ -31,9 +31,14 @@ STATS = {"length_histogram": {"bin_edges": [8.0 + 10 * i for i in range(51)],
                               "counts": [int(100 * math.exp(-((i - 15) / 8) ** 2)) for i in range(50)]}}
 
 
+def _steps(spec):
+    p = make_plan(spec)
+    return p.total_steps, p.warmup_steps
+
+
 def test_plan_plots_write_lr_schedule_and_length_histogram(tmp_path):
     spec = _spec(tmp_path / "run", max_steps=200, warmup_ratio=0.1)
-    written = plots.plan_plots(spec, make_plan(spec), STATS)
+    written = plots.plan_plots(spec, *_steps(spec), STATS)
     assert written == [tmp_path / "run" / "lr_schedule.png", tmp_path / "run" / "length_histogram.png"]
     for p in written:
         _check_png(p)
@@ -41,9 +46,9 @@ def test_plan_plots_write_lr_schedule_and_length_histogram(tmp_path):
 
 def test_plan_plots_without_data_or_step_count(tmp_path):
     spec = _spec(tmp_path / "run")  # epochs, no data read: the step count is unknown
-    assert plots.plan_plots(spec, make_plan(spec), None) == []
+    assert plots.plan_plots(spec, *_steps(spec), None) == []
     spec = _spec(tmp_path / "run", max_steps=5)
-    assert plots.plan_plots(spec, make_plan(spec), None) == [tmp_path / "run" / "lr_schedule.png"]
+    assert plots.plan_plots(spec, *_steps(spec), None) == [tmp_path / "run" / "lr_schedule.png"]
 
 
 def _stepped(spec, total, warmup):

@@ -84,7 +84,7 @@ def _plots(spec: Any, p: Any, stats: dict[str, Any] | None) -> list[str]:
         from .plots import plan_plots
     except ImportError:
         return []
-    return [str(x) for x in plan_plots(spec, p, stats)]
+    return [str(x) for x in plan_plots(spec, p.total_steps, p.warmup_steps, stats)]
 
 
 def _gb(x: float) -> str:
@@ -136,7 +136,7 @@ def render(spec_path: Path = typer.Argument(..., metavar="SPEC"), overrides: Opt
            nodes: Optional[int] = NODES, gpus: Optional[int] = GPUS,
            out: Path = typer.Option(..., "--out", help="directory for run.yaml, accelerate.yaml, deepspeed.json")) -> None:
     """Write the resolved spec and the Accelerate/DeepSpeed configs."""
-    from .model import cuda_info
+    from .hardware import cuda_info
     from .plan import make_plan
     from .render import write_run_dir
     from .spec import load_spec

@@ -7,7 +7,6 @@ and caches the packed result with `save_to_disk`; later runs and other ranks mem
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -18,12 +17,11 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from distsft.data_cache import cache_key, default_cache_root, load_cached, remember, split_files
 from distsft.packing import pack_bfd
 from distsft.spec import SpecError
-from distsft.tokenizer_utils import (ChatRenderer, OffsetEncoder, TemplateMismatch, label_mask,
-                                     resolve_chat_template, tokenizer_fingerprint)
+from distsft.tokenizer_utils import ChatRenderer, OffsetEncoder, TemplateMismatch, label_mask, resolve_chat_template
 
-DATA_FORMAT_VERSION = 1  # bump when the cached layout or the labelling rules change
 ROLES = ("system", "user", "assistant")
 _CHUNK = 8192  # conversations tokenized per batch: bounds the memory of the Encoding objects
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -318,56 +316,11 @@ def _pack(tok: dict, stats: dict, spec: Any) -> tuple[Any, dict]:
 
 # --------------------------------------------------------------------------- cache
 
-def _split_files(spec: Any, split: str) -> list[str]:
-    d = _data(spec)
-    if split not in ("train", "eval"):
-        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-    files = list(d.train_files if split == "train" else d.eval_files)
-    if not files:
-        raise SpecError(f"data.{split}_files is empty")
-    return files
-
-
-def _file_fingerprint(name: str) -> list:
-    path = Path(name)
-    if path.is_file():
-        st = path.stat()
-        return [str(path.resolve()), st.st_size, st.st_mtime_ns]
-    if path.is_dir():
-        return [str(path.resolve())] + [[str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns]
-                                        for p in sorted(path.rglob("*")) if p.is_file()]
-    return ["hub-or-missing", name]
-
-
-def cache_key(spec: Any, tokenizer: Any, split: str) -> str:
-    d = _data(spec)
-    template = resolve_chat_template(tokenizer, d.chat_template)
-    settings = {k: getattr(d, k, None) for k in (
-        "format", "messages_column", "instruction_column", "input_column", "output_column",
-        "system_prompt", "max_length", "packing", "overlong")}
-    if split == "train":
-        settings["max_train_examples"] = getattr(d, "max_train_examples", None)
-    blob = json.dumps({"version": DATA_FORMAT_VERSION, "split": split,
-                       "files": [_file_fingerprint(f) for f in _split_files(spec, split)],
-                       "tokenizer": tokenizer_fingerprint(tokenizer),
-                       "chat_template": hashlib.sha256(template.encode()).hexdigest(),
-                       "settings": settings}, sort_keys=True, default=str)
-    return f"{split}-{hashlib.sha256(blob.encode()).hexdigest()[:20]}"
-
-
-def load_cached(cache_root: str | Path, key: str) -> tuple[Any, dict] | None:
-    path = Path(cache_root) / key
-    if not (path / "stats.json").is_file():  # written last, so its presence means complete
-        return None
-    from datasets import load_from_disk
-    return load_from_disk(str(path)), json.loads((path / "stats.json").read_text())
-
-
 def build(spec: Any, tokenizer: Any, split: str, cache_root: str | Path) -> tuple[Any, dict]:
     d = _data(spec)
     key = cache_key(spec, tokenizer, split)
     limit = getattr(d, "max_train_examples", None) if split == "train" else None
-    convs, sources = _load(_split_files(spec, split), d.format, d, limit=limit)
+    convs, sources = _load(split_files(spec, split), d.format, d, limit=limit)
     tok, stats = _tokenize_arrays(convs, sources, tokenizer, d)
     ds, stats = _pack(tok, stats, d)
     root = Path(cache_root)
@@ -394,14 +347,10 @@ def build(spec: Any, tokenizer: Any, split: str, cache_root: str | Path) -> tupl
 
 def prepare(spec: Any, tokenizer: Any, split: str, cache_root: str | Path) -> tuple[Any, dict]:
     """The packed split from the cache, building it first when needed."""
-    return load_cached(cache_root, cache_key(spec, tokenizer, split)) or build(spec, tokenizer, split, cache_root)
-
-
-def default_cache_root(spec: Any) -> Path:
-    """data.cache_dir, else $DISTSFT_CACHE_DIR, else ~/.cache/distsft/data."""
-    d = _data(spec)
-    root = getattr(d, "cache_dir", None) or os.environ.get("DISTSFT_CACHE_DIR")
-    return Path(root) if root else Path.home() / ".cache" / "distsft" / "data"
+    key = cache_key(spec, tokenizer, split)
+    found = load_cached(cache_root, key) or build(spec, tokenizer, split, cache_root)
+    remember(spec, split, cache_root, key)
+    return found
 
 
 def summarize(spec: Any, tokenizer: Any, split: str = "train") -> dict:

@@ -14,7 +14,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from . import checkpoint, dist, universal
+from . import checkpoint, dist, hardware, universal
 from .checkpoint import EXIT_PREEMPTED
 from .spec import RunSpec, SpecError, load_spec
 
@@ -28,24 +28,26 @@ def row_checksum(input_ids: Any) -> int:
 
 
 def cache_root(spec: RunSpec) -> Path:
-    from .data import default_cache_root
+    from .data_cache import default_cache_root
     return default_cache_root(spec)
 
 
 def prepare_split(spec: RunSpec, tokenizer: Any, split: str) -> tuple[Any, dict[str, Any]]:
     """Tokenize + mask + pack once per job: rank 0 builds the Arrow cache, the others wait and memory-map
     it. Without a shared file system, each node's first rank builds its own copy."""
-    from . import data
+    from . import data, data_cache
     e, root = dist.env(), cache_root(spec)
-    key = data.cache_key(spec, tokenizer, split)
-    if e.is_main and data.load_cached(root, key) is None:
+    key = data_cache.cache_key(spec, tokenizer, split)
+    if e.is_main and data_cache.load_cached(root, key) is None:
         data.build(spec, tokenizer, split, root)
     dist.barrier()
-    found = data.load_cached(root, key)
+    found = data_cache.load_cached(root, key)
     if found is None and e.is_local_main:
         found = data.build(spec, tokenizer, split, root)
+    if found is not None and e.is_local_main:
+        data_cache.remember(spec, split, root, key)  # lets the next `distsft run` skip the tokenizer
     dist.barrier()
-    return found if found is not None else data.load_cached(root, key)
+    return found if found is not None else data_cache.load_cached(root, key)
 
 
 def _configure_logging(e: dist.DistEnv) -> None:
@@ -110,9 +112,9 @@ def _train(spec: RunSpec, flag: checkpoint.PreemptionFlag) -> int:
     if e.is_main and not dist.launcher_holds_lock():
         lock.acquire()
 
-    cuda, bf16_ok, _ = model_lib.cuda_info()
+    cuda, bf16_ok, _ = hardware.cuda_info()
     precision = resolve_precision(spec, cuda, bf16_ok)
-    attn = model_lib.choose_attn(spec.model.attn_implementation)
+    attn = hardware.choose_attn(spec.model.attn_implementation)
     batch = batch_for(spec, world_size=e.world_size)
     t = spec.train
     resume = checkpoint.resolve_resume(spec.checkpoint.resume, out)
@@ -171,6 +173,7 @@ def _train(spec: RunSpec, flag: checkpoint.PreemptionFlag) -> int:
     if e.is_main:
         writer = MetricsWriter(out, spec.logging.report_to, resume_step, spec=spec)
         _record_start(out, e, spec, batch, stats, resume)
+        _plan_plots(spec, total, args.warmup_steps, stats)
     progress = Progress(total, enabled=e.is_main)
     ctx = RunContext(order=order, micro=batch.per_device_train_batch_size, accum=batch.gradient_accumulation_steps,
                      total_steps=total, eval_batch=args.per_device_eval_batch_size,
@@ -261,6 +264,16 @@ def _record_start(out: Path, e: dist.DistEnv, spec: RunSpec, batch: Any, stats: 
                resumed_from=resume.name if resume else None, num_rows=stats["num_rows"])
     with open(out / "run_record.jsonl", "a") as f:
         f.write(json.dumps(rec) + "\n")
+
+
+def _plan_plots(spec: RunSpec, total: int, warmup: int, stats: dict[str, Any]) -> None:
+    """The LR schedule and the length histogram next to run.yaml, drawn here (whatever started the
+    ranks) from the step counts training will use."""
+    from .plots import plan_plots
+    try:
+        plan_plots(spec, total, warmup, stats)
+    except Exception as exc:  # noqa: BLE001 - a plot must never stop a run
+        dist.warn(f"plan plots not drawn: {exc}")
 
 
 def _summary(out: Path, history: list[dict[str, Any]], started: float, spec: RunSpec, steps: int) -> None:

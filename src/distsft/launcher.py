@@ -27,35 +27,41 @@ ENTRY_MODULE = "distsft.train_entry"
 def prepare(spec: RunSpec, cuda: bool) -> dict[str, Any]:
     """Everything that can fail on bad input, done once here so it fails before any rank starts (exit 2);
     it also leaves the tokenized, packed data in the cache for the ranks to memory-map."""
-    from . import model as model_lib
-    from .job import _configure_logging, check_resume_compatible, prepare_split
+    from .hardware import choose_attn
     from .plan import batch_for
-    _configure_logging(dist.env())
     resume = checkpoint.resolve_resume(spec.checkpoint.resume, spec.output_dir)
     if resume is not None:
-        check_resume_compatible(checkpoint.read_marker(resume), spec, batch_for(spec))
+        from .job import check_resume_compatible
         from .universal import convert_if_needed
+        check_resume_compatible(checkpoint.read_marker(resume), spec, batch_for(spec))
         # Before the ranks start: a long conversion cannot time out a collective; a failure is one message.
         convert_if_needed(resume, batch_for(spec).world_size)
-    model_lib.choose_attn(spec.model.attn_implementation)
+    choose_attn(spec.model.attn_implementation)
     if spec.peft.method == "qlora":
         import torch
-        model_lib.check_qlora_runs(torch.device("cuda" if cuda else "cpu"))
-    tokenizer = model_lib.load_tokenizer(spec)
+        from .model import check_qlora_runs
+        check_qlora_runs(torch.device("cuda" if cuda else "cpu"))
+    warm = _cached_stats(spec)
+    if warm is not None:
+        return warm
+    from .job import _configure_logging, prepare_split
+    from .model import load_tokenizer
+    _configure_logging(dist.env())
+    tokenizer = load_tokenizer(spec)
     _, stats = prepare_split(spec, tokenizer, "train")
     if spec.data.eval_files:
         prepare_split(spec, tokenizer, "eval")
     return stats
 
 
-def plot_plan(spec: RunSpec, stats: dict[str, Any]) -> None:
-    """The LR schedule and the length histogram, next to run.yaml, before training starts."""
-    from .plan import make_plan
-    from .plots import plan_plots
-    try:
-        plan_plots(spec, make_plan(spec, stats), stats)
-    except Exception as exc:  # noqa: BLE001 - a plot must never stop a run that is already starting
-        print(f"distsft: plan plots not drawn: {exc}", file=sys.stderr, flush=True)
+def _cached_stats(spec: RunSpec) -> dict[str, Any] | None:
+    """The train split's stats when every split was already packed from these exact sources: the warm
+    path, which skips loading the tokenizer (and importing transformers) just to find the cache."""
+    from .data_cache import cached_stats, default_cache_root
+    root = default_cache_root(spec)
+    splits = ["train"] + (["eval"] if spec.data.eval_files else [])
+    found = [cached_stats(spec, split, root) for split in splits]
+    return found[0] if all(s is not None for s in found) else None
 
 
 def _rank_processes(child: subprocess.Popen) -> list[psutil.Process]:
@@ -105,9 +111,8 @@ class SignalForwarder:
                 pass
 
 
-def launch(run_yaml: Path, accelerate_yaml: Path, output_dir: Path, extra_env: dict[str, str],
-           while_starting: Any = None) -> int:
-    """Start the ranks, run `while_starting()` here while they start up, forward signals, wait."""
+def launch(run_yaml: Path, accelerate_yaml: Path, output_dir: Path, extra_env: dict[str, str]) -> int:
+    """Start the ranks, forward signals to them, wait; the training's exit code."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_yaml),
            "-m", ENTRY_MODULE, str(run_yaml)]
     env = dict(os.environ, PYTHONUNBUFFERED="1", **extra_env)
@@ -116,8 +121,6 @@ def launch(run_yaml: Path, accelerate_yaml: Path, output_dir: Path, extra_env: d
     (output_dir / checkpoint.PREEMPTED).unlink(missing_ok=True)
     child = subprocess.Popen(cmd, env=env, start_new_session=True)
     with SignalForwarder(child):
-        if while_starting is not None:
-            while_starting()
         while True:
             try:
                 rc = child.wait()
@@ -139,7 +142,7 @@ def _num_processes(accelerate_yaml: Path) -> int:
 
 
 def run(spec_path: str, overrides: list[str], gpus: int | None) -> int:
-    from .model import cuda_info
+    from .hardware import cuda_info, device_count
     from .plan import make_plan
     from .render import launch_env, write_run_dir
     started = time.perf_counter()
@@ -152,7 +155,7 @@ def run(spec_path: str, overrides: list[str], gpus: int | None) -> int:
     n = spec.distributed.gpus_per_node
     if not cuda:
         print(f"distsft: no CUDA device: starting {n} CPU process{'es' if n > 1 else ''} over gloo")
-    elif n > (count := __import__("torch").cuda.device_count()):
+    elif n > (count := device_count()):
         raise SpecError(f"--gpus {n} but this machine has {count} CUDA device(s)")
     out = Path(spec.output_dir)
     lock = checkpoint.OutputLock(out)
@@ -160,12 +163,11 @@ def run(spec_path: str, overrides: list[str], gpus: int | None) -> int:
     try:
         make_plan(spec)  # batch arithmetic errors (exit 2) before anything is written
         paths = write_run_dir(spec, out, cuda=cuda, bf16_supported=bf16_ok)
-        stats = prepare(spec, cuda)
+        prepare(spec, cuda)
         print(f"distsft: run dir {out} ready in {time.perf_counter() - started:.1f} s; launching", flush=True)
         extra = launch_env(spec, cuda)
         if not cuda:
             extra["DS_ACCELERATOR"] = "cpu"  # say it, instead of DeepSpeed warning on every rank
-        # The plots need transformers' scheduler code (a slow import): draw them while the ranks start.
-        return launch(paths["run"], paths["accelerate"], out, extra, while_starting=lambda: plot_plan(spec, stats))
+        return launch(paths["run"], paths["accelerate"], out, extra)
     finally:
         lock.release()

@@ -1,8 +1,7 @@
-"""Model and tokenizer loading: attention backend, dtype, full / LoRA / QLoRA, gradient checkpointing."""
+"""Model and tokenizer loading: dtype, full / LoRA / QLoRA (the attention backend is chosen in hardware.py)."""
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any
 
 import torch
@@ -10,27 +9,6 @@ import torch
 from .spec import RunSpec, SpecError
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def cuda_info() -> tuple[bool, bool, int]:
-    """(cuda available, bf16 supported, compute capability major)."""
-    if not torch.cuda.is_available():
-        return False, False, 0
-    major, _ = torch.cuda.get_device_capability()
-    return True, torch.cuda.is_bf16_supported(), major
-
-
-def choose_attn(requested: str) -> str:
-    """auto: flash_attention_2 on CUDA sm80+ when flash-attn imports, else sdpa."""
-    cuda, _, major = cuda_info()
-    has_fa = importlib.util.find_spec("flash_attn") is not None
-    if requested == "flash_attention_2" and not (cuda and has_fa):
-        why = "no CUDA device" if not cuda else "the flash-attn package is not installed (pip install 'distsft[gpu]')"
-        raise SpecError(f"model.attn_implementation=flash_attention_2 cannot run here: {why}; "
-                        "use auto or sdpa")
-    if requested != "auto":
-        return requested
-    return "flash_attention_2" if cuda and major >= 8 and has_fa else "sdpa"
 
 
 def weights_dtype(spec: RunSpec, precision: str) -> torch.dtype:

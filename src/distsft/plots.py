@@ -214,14 +214,15 @@ def loss_curves_png(records: list[dict[str, Any]], path: Path) -> Path | None:
     return chart.save(Path(path))
 
 
-def plan_plots(spec: Any, plan: Any, stats: dict[str, Any] | None) -> list[Path]:
+def plan_plots(spec: Any, total_steps: int | None, warmup_steps: int | None,
+               stats: dict[str, Any] | None) -> list[Path]:
     """`lr_schedule.png` (when the step count is known) and `length_histogram.png` (when the data was
     read) in the output directory, next to run.yaml."""
     out = Path(spec.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path | None] = []
-    if plan.total_steps:
-        written.append(lr_schedule_png(spec, plan.total_steps, plan.warmup_steps or 0, out / "lr_schedule.png"))
+    if total_steps:
+        written.append(lr_schedule_png(spec, total_steps, warmup_steps or 0, out / "lr_schedule.png"))
     if stats:
         written.append(length_histogram_png(stats, spec.data.max_length, out / "length_histogram.png"))
     return [p for p in written if p is not None]

@@ -1,0 +1,166 @@
+"""Where packed data lives: its cache key, the cache directory, and an index that finds a cached split
+without loading the tokenizer.
+
+The cache key hashes what decides the packed tokens: the data files, the loaded tokenizer, the chat
+template and the data settings. Computing it needs the tokenizer, and loading a tokenizer imports
+transformers (5–10 s), which made a warm `distsft run` slower than plain TRL. The index maps a *source
+key* -- the same inputs read from disk (the bytes of the tokenizer's files, the chat template file,
+library versions) -- to the cache key, so the launcher's warm path reads two small files. The ranks
+always compute the real key from the tokenizer they load, so a stale index can cost a rebuild, never
+wrong data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from .spec import SpecError
+
+DATA_FORMAT_VERSION = 1  # bump when the cached layout or the labelling rules change
+INDEX_DIR = "index"
+# Everything in a model directory can shape the tokenizer (tokenizer*.json, *.model, vocab, merges,
+# chat templates, config.json's model_type, remote code) except the weights, which are large.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
+_SETTINGS = ("format", "messages_column", "instruction_column", "input_column", "output_column",
+             "system_prompt", "max_length", "packing", "overlong")
+
+
+def _data(spec: Any) -> Any:
+    return getattr(spec, "data", spec)  # accept a RunSpec or its DataSpec
+
+
+def split_files(spec: Any, split: str) -> list[str]:
+    d = _data(spec)
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    files = list(d.train_files if split == "train" else d.eval_files)
+    if not files:
+        raise SpecError(f"data.{split}_files is empty")
+    return files
+
+
+def _file_fingerprint(name: str) -> list:
+    path = Path(name)
+    if path.is_file():
+        st = path.stat()
+        return [str(path.resolve()), st.st_size, st.st_mtime_ns]
+    if path.is_dir():
+        return [str(path.resolve())] + [[str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns]
+                                        for p in sorted(path.rglob("*")) if p.is_file()]
+    return ["hub-or-missing", name]
+
+
+def _inputs(spec: Any, split: str) -> dict[str, Any]:
+    """The part of both keys that needs no tokenizer: format version, files, data settings."""
+    d = _data(spec)
+    settings = {k: getattr(d, k, None) for k in _SETTINGS}
+    if split == "train":
+        settings["max_train_examples"] = getattr(d, "max_train_examples", None)
+    return {"version": DATA_FORMAT_VERSION, "split": split,
+            "files": [_file_fingerprint(f) for f in split_files(spec, split)], "settings": settings}
+
+
+def _digest(obj: Any, n: int = 20) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+
+def cache_key(spec: Any, tokenizer: Any, split: str) -> str:
+    from .tokenizer_utils import resolve_chat_template, tokenizer_fingerprint
+    template = resolve_chat_template(tokenizer, _data(spec).chat_template)
+    blob = {**_inputs(spec, split), "tokenizer": tokenizer_fingerprint(tokenizer),
+            "chat_template": hashlib.sha256(template.encode()).hexdigest()}
+    return f"{split}-{_digest(blob)}"
+
+
+def default_cache_root(spec: Any) -> Path:
+    """data.cache_dir, else $DISTSFT_CACHE_DIR, else ~/.cache/distsft/data."""
+    root = getattr(_data(spec), "cache_dir", None) or os.environ.get("DISTSFT_CACHE_DIR")
+    return Path(root) if root else Path.home() / ".cache" / "distsft" / "data"
+
+
+def load_cached(cache_root: str | Path, key: str) -> tuple[Any, dict] | None:
+    path = Path(cache_root) / key
+    if not (path / "stats.json").is_file():  # written last, so its presence means complete
+        return None
+    from datasets import load_from_disk
+    return load_from_disk(str(path)), json.loads((path / "stats.json").read_text())
+
+
+# --------------------------------------------------------------------------- the source-key index
+
+def _model_dir(name_or_path: str) -> Path | None:
+    """The directory the tokenizer is read from: a local path, or a hub id's snapshot in the HF cache."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    if path.exists() or name_or_path.count("/") > 1:
+        return None
+    from huggingface_hub.constants import HF_HUB_CACHE
+    repo = Path(HF_HUB_CACHE) / f"models--{name_or_path.replace('/', '--')}"
+    try:
+        commit = (repo / "refs" / "main").read_text().strip()
+    except OSError:
+        return None
+    snapshot = repo / "snapshots" / commit
+    return snapshot if snapshot.is_dir() else None
+
+
+def _tokenizer_source(model_dir: Path) -> list:
+    out = []
+    for p in sorted(model_dir.iterdir()):
+        if p.is_file() and not p.name.endswith(_WEIGHT_SUFFIXES):
+            out.append([p.name, hashlib.sha256(p.read_bytes()).hexdigest()])
+    return out
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def source_key(spec: Any, split: str) -> str | None:
+    """A key over the on-disk sources of the cache key, or None when they cannot be read without
+    loading the tokenizer (a hub model that is not in the local HF cache, or no model section)."""
+    if not hasattr(spec, "model"):
+        return None
+    model_dir = _model_dir(spec.model.name_or_path)
+    if model_dir is None:
+        return None
+    template = spec.data.chat_template
+    if template and "{" not in template and Path(template).is_file():  # a .jinja file: its contents count
+        template = ["file", hashlib.sha256(Path(template).read_bytes()).hexdigest()]
+    blob = {**_inputs(spec, split), "tokenizer_files": _tokenizer_source(model_dir), "chat_template": template,
+            "trust_remote_code": spec.model.trust_remote_code,
+            "versions": [_version(d) for d in ("transformers", "tokenizers", "jinja2")]}
+    return f"{split}-{_digest(blob)}"
+
+
+def remember(spec: Any, split: str, cache_root: str | Path, key: str) -> None:
+    """Record that these sources give cache key `key` (atomically: readers see the old or the new entry)."""
+    sk = source_key(spec, split)
+    if sk is None:
+        return
+    index = Path(cache_root) / INDEX_DIR
+    index.mkdir(parents=True, exist_ok=True)
+    tmp = index / f".{sk}.tmp-{os.getpid()}"
+    tmp.write_text(key)
+    os.replace(tmp, index / sk)
+
+
+def cached_stats(spec: Any, split: str, cache_root: str | Path) -> dict | None:
+    """The stats of the cached split these sources were last packed into, or None (not known yet)."""
+    sk = source_key(spec, split)
+    if sk is None:
+        return None
+    try:
+        key = (Path(cache_root) / INDEX_DIR / sk).read_text().strip()
+        return json.loads((Path(cache_root) / key / "stats.json").read_text())
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,53 @@
+"""What accelerator this machine has, and the attention backend that follows from it.
+
+Importing torch costs the launcher 1.5–5 s before any rank can start; on a machine with no GPU driver
+the answer ("no CUDA") is known from the file system, so torch is imported only where a driver exists.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+from functools import lru_cache
+
+# Device nodes a CUDA-capable torch needs: NVIDIA's driver (bare metal and containers), AMD ROCm
+# (torch.cuda is HIP there) and WSL2's GPU paravirtualisation.
+_DRIVER_PATHS = ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/kfd", "/dev/dxg")
+
+
+def gpu_driver_present() -> bool:
+    return any(os.path.exists(p) for p in _DRIVER_PATHS) or bool(glob.glob("/dev/nvidia[0-9]*"))
+
+
+@lru_cache(maxsize=1)
+def cuda_info() -> tuple[bool, bool, int]:
+    """(cuda available, bf16 supported, compute capability major)."""
+    if not gpu_driver_present():
+        return False, False, 0
+    import torch
+    if not torch.cuda.is_available():
+        return False, False, 0
+    major, _ = torch.cuda.get_device_capability()
+    return True, torch.cuda.is_bf16_supported(), major
+
+
+def device_count() -> int:
+    if not cuda_info()[0]:
+        return 0
+    import torch
+    return torch.cuda.device_count()
+
+
+def choose_attn(requested: str) -> str:
+    """auto: flash_attention_2 on CUDA sm80+ when flash-attn is installed, else sdpa."""
+    from .spec import SpecError
+    cuda, _, major = cuda_info()
+    has_fa = importlib.util.find_spec("flash_attn") is not None
+    if requested == "flash_attention_2" and not (cuda and has_fa):
+        why = "no CUDA device" if not cuda else "the flash-attn package is not installed (pip install 'distsft[gpu]')"
+        raise SpecError(f"model.attn_implementation=flash_attention_2 cannot run here: {why}; "
+                        "use auto or sdpa")
+    if requested != "auto":
+        return requested
+    return "flash_attention_2" if cuda and major >= 8 and has_fa else "sdpa"
