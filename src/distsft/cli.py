@@ -34,6 +34,10 @@ def _fail(msg: str) -> None:
 
 def _data_stats(spec: Any) -> tuple[dict[str, Any] | None, str | None]:
     """Tokenize and pack the training data for the plan when it can be read; otherwise say why."""
+    from .data_cache import cached_stats, default_cache_root
+    warm = cached_stats(spec, "train", default_cache_root(spec))  # packed before: no tokenizer needed
+    if warm is not None:
+        return warm, None
     try:
         from .job import _configure_logging, prepare_split
         from .model import load_tokenizer
