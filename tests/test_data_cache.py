@@ -89,6 +89,14 @@ def test_a_stale_index_entry_is_never_trusted_over_the_cache(setup):
     assert data_cache.cached_stats(spec, "train", setup["cache"]) is None
 
 
+def test_an_index_that_cannot_be_written_only_loses_the_shortcut(setup):
+    setup["cache"].mkdir()
+    (setup["cache"] / data_cache.INDEX_DIR).write_text("a file where the index directory should be")
+    spec = _spec(setup)
+    stats = _build(spec)  # packs and caches; recording the index fails quietly
+    assert stats["num_rows"] > 0 and data_cache.cached_stats(spec, "train", setup["cache"]) is None
+
+
 def test_hub_model_keys_on_its_cached_snapshot(setup, monkeypatch, tmp_path):
     import huggingface_hub.constants
     hub = tmp_path / "hub"

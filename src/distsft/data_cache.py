@@ -12,6 +12,7 @@ wrong data.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -130,15 +131,18 @@ def source_key(spec: Any, split: str) -> str | None:
     loading the tokenizer (a hub model that is not in the local HF cache, or no model section)."""
     if not hasattr(spec, "model"):
         return None
-    model_dir = _model_dir(spec.model.name_or_path)
-    if model_dir is None:
+    try:
+        model_dir = _model_dir(spec.model.name_or_path)
+        if model_dir is None:
+            return None
+        template = spec.data.chat_template
+        if template and "{" not in template and Path(template).is_file():  # a .jinja file: its contents count
+            template = ["file", hashlib.sha256(Path(template).read_bytes()).hexdigest()]
+        blob = {**_inputs(spec, split), "tokenizer_files": _tokenizer_source(model_dir), "chat_template": template,
+                "trust_remote_code": spec.model.trust_remote_code,
+                "versions": [_version(d) for d in ("transformers", "tokenizers", "jinja2")]}
+    except OSError:  # an unreadable file: the slow path will name it, if it matters
         return None
-    template = spec.data.chat_template
-    if template and "{" not in template and Path(template).is_file():  # a .jinja file: its contents count
-        template = ["file", hashlib.sha256(Path(template).read_bytes()).hexdigest()]
-    blob = {**_inputs(spec, split), "tokenizer_files": _tokenizer_source(model_dir), "chat_template": template,
-            "trust_remote_code": spec.model.trust_remote_code,
-            "versions": [_version(d) for d in ("transformers", "tokenizers", "jinja2")]}
     return f"{split}-{_digest(blob)}"
 
 
@@ -148,10 +152,14 @@ def remember(spec: Any, split: str, cache_root: str | Path, key: str) -> None:
     if sk is None:
         return
     index = Path(cache_root) / INDEX_DIR
-    index.mkdir(parents=True, exist_ok=True)
     tmp = index / f".{sk}.tmp-{os.getpid()}"
-    tmp.write_text(key)
-    os.replace(tmp, index / sk)
+    try:
+        index.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(key)
+        os.replace(tmp, index / sk)
+    except OSError:  # e.g. a shared, read-only cache: only the next start's shortcut is lost
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def cached_stats(spec: Any, split: str, cache_root: str | Path) -> dict | None:
