@@ -8,8 +8,9 @@ Per ZeRO stage, against one uninterrupted 2-process run of 8 steps, one output d
     2 processes   resumes (1 → 2) to step 8
 
 `distsft run` converts in the launcher, before the ranks start. The ranks convert themselves (rank 0,
-the others at a barrier) when nothing did it before them, as under `distsft submit`: the ZeRO-3 case
-takes its last leg that way, with `accelerate launch` of the rendered run dir.
+before the process group exists, while the others watch for the result) when nothing did it before them,
+as under `distsft submit`: the ZeRO-3 case takes its last leg that way, with `accelerate launch` of the
+rendered run dir.
 """
 
 from __future__ import annotations
@@ -145,3 +146,25 @@ def test_a_failed_conversion_is_one_clear_error_and_leaves_nothing_behind(tmp_pa
                                         "resume with the 2 processes that wrote it"):
         universal.convert_if_needed(ckpt, 1)
     assert sorted(p.name for p in ckpt.iterdir()) == ["distsft_complete.json", "global_step3"]
+
+
+def test_the_other_ranks_wait_for_the_conversion_without_a_collective(tmp_path):
+    import threading
+    import time
+
+    from distsft import universal
+    ckpt = _fake_checkpoint(tmp_path / "checkpoint-3")
+    (ckpt / "global_step3").mkdir()
+    (ckpt / "latest").write_text("global_step3")
+
+    def rank0_converts():  # what convert() leaves when it is done, after a while
+        time.sleep(0.5)
+        (ckpt / "latest_universal").write_text(".converting-global_step3_universal")  # ds_to_universal's interim
+        time.sleep(0.3)
+        (ckpt / "global_step3_universal" / "zero").mkdir(parents=True)
+        (ckpt / "latest_universal").write_text("global_step3_universal")
+
+    t0 = time.monotonic()
+    threading.Thread(target=rank0_converts).start()
+    universal.wait_converted(ckpt, poll_s=0.05)
+    assert time.monotonic() - t0 >= 0.8 and universal.is_converted(ckpt)

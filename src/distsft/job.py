@@ -125,6 +125,14 @@ def _train(spec: RunSpec, flag: checkpoint.PreemptionFlag) -> int:
     ds_config = render_deepspeed(spec, batch, precision) if spec.distributed.backend == "deepspeed" else None
     if load_universal:
         ds_config = universal.with_load_universal(ds_config)
+        # Before the process group exists (SFTConfig may create it), so that a conversion longer than the
+        # collective timeout cannot fail the job: the other ranks watch the file system instead of waiting
+        # in a barrier. If rank 0 fails, torchrun / srun --kill-on-bad-exit stop them. Usually `distsft run`
+        # has converted before the ranks started, and this is a no-op.
+        if e.is_main:
+            universal.convert_if_needed(resume, e.world_size)
+        else:
+            universal.wait_converted(resume)
 
     args = SFTConfig(
         output_dir=str(out), per_device_train_batch_size=batch.per_device_train_batch_size,
@@ -150,10 +158,6 @@ def _train(spec: RunSpec, flag: checkpoint.PreemptionFlag) -> int:
         # deepspeed.comm for the world size: it must wrap the process group before the model loads.
         import deepspeed
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
-    if load_universal:
-        if e.is_main:  # usually done already by `distsft run` before the ranks started: then a no-op
-            universal.convert_if_needed(resume, e.world_size)
-        dist.barrier()
     dist.print0(f"distsft: world size {e.world_size} ({e.num_nodes} node(s)), "
                 f"{'GPU' if cuda else 'CPU'} {'fp32' if precision == 'no' else precision}, attention {attn}, backend {spec.distributed.backend}"
                 f"{' ZeRO-' + str(spec.distributed.stage) if spec.distributed.backend == 'deepspeed' else ''}, "

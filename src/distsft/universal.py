@@ -16,8 +16,9 @@ HF Trainer then resumes as usual: `deepspeed_load_checkpoint` finds `global_step
 `engine.load_checkpoint(checkpoint-N)` without a tag, which reads `latest_universal`. The scheduler
 state is world-size independent; the per-rank RNG files only matter for dropout (HF skips missing ones).
 
-Only the process that converts (the launcher before ranks start, or rank 0 while the others wait at a
-barrier) calls `convert_if_needed`; every rank calls `needs_universal` to build the same config.
+Only the process that converts (the launcher before ranks start, or rank 0 before the process group
+exists while the others poll `wait_converted`) calls `convert_if_needed`; every rank calls
+`needs_universal` to build the same config.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import io
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +153,12 @@ def convert_if_needed(checkpoint_dir: str | Path, world_size: int) -> bool:
               f"{m.get('zero_stage')} state to a DeepSpeed universal checkpoint for {world_size}", flush=True)
         convert(ckpt)
     return True
+
+
+def wait_converted(checkpoint_dir: str | Path, poll_s: float = 1.0) -> None:
+    """On the ranks that do not convert: until the converting rank has finished, however long it takes."""
+    while not is_converted(checkpoint_dir):
+        time.sleep(poll_s)
 
 
 def _zero3_optimizer(optimizer: Any) -> Any:
