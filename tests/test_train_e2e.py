@@ -119,6 +119,8 @@ def test_users_can_launch_the_rendered_run_dir_themselves(tmp_path, launcher):
     assert p.returncode == 0, p.stderr[-3000:]
     assert sorted(h.train_losses(out)) == [1, 2, 3]
     assert "world size 2" in p.stdout
+    for png in ("lr_schedule.png", "length_histogram.png", "loss_curves.png"):  # rank 0 draws them, not a launcher
+        assert (out / png).stat().st_size > 1000, png
 
 
 def test_lora_with_merged_output_and_qlora_train_and_load(tmp_path):
