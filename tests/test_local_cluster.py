@@ -3,25 +3,14 @@ through sacct, USR2 delivery (what time-limit requeueing relies on) and a submit
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
+from helpers import wait_until
 from slurm_cluster import SlurmCluster
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
-
-
-def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def sacct_state(cluster: SlurmCluster, job_id: str) -> str:

@@ -71,7 +71,7 @@ class Waiter:
 
     @property
     def job_id(self) -> str:
-        m = wait_until(lambda: re.search(r"submitted job (\d+)", self.text) or self._ended(), 60, "submission")
+        m = h.wait_until(lambda: re.search(r"submitted job (\d+)", self.text) or self._ended(), 60, "submission")
         if not isinstance(m, re.Match):
             raise AssertionError(f"submit ended (rc {self.proc.returncode}) without a job:\n{self.text}")
         return m.group(1)
@@ -89,16 +89,6 @@ class Waiter:
         return rc
 
 
-def wait_until(predicate, timeout: float, what: str):  # noqa: ANN001, ANN201
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
 def loss_records(out: Path) -> list[dict]:
     return [m for m in h.metrics(out) if "loss" in m]
 
@@ -109,7 +99,7 @@ def wait_for_step(out: Path, step: int, waiter: Waiter, timeout: float = 180) ->
             raise AssertionError(f"the job ended (rc {waiter.proc.returncode}) before step {step}:\n{waiter.text[-4000:]}")
         steps = [m["step"] for m in loss_records(out)]
         return max(steps) if steps and max(steps) >= step else 0
-    return wait_until(reached, timeout, f"step {step} in {out}/metrics.jsonl")
+    return h.wait_until(reached, timeout, f"step {step} in {out}/metrics.jsonl")
 
 
 def run_record(out: Path) -> list[dict]:
@@ -157,7 +147,7 @@ def test_two_node_job_runs_to_completion_with_rank_0_writing(two_node_run, slurm
     folder = next((out / "submitit").glob(f"*/{w.job_id}"))
     # Rank 1 ran on the second node and printed no progress (rank 0 alone reports and writes metrics).
     assert "step 1/" not in (folder / f"{w.job_id}_1_log.out").read_text()
-    nodes = wait_until(lambda: slurm_cluster.run("sacct", "-n", "-X", "-P", "-j", w.job_id, "-o", "NodeList")
+    nodes = h.wait_until(lambda: slurm_cluster.run("sacct", "-n", "-X", "-P", "-j", w.job_id, "-o", "NodeList")
                        .stdout.strip() == "n[1-2]", 20, "sacct NodeList n[1-2]")
     assert nodes
 
@@ -185,7 +175,7 @@ def test_one_node_two_ranks_usr2_checkpoints_requeues_resumes_then_max_requeues_
     job = w.job_id
     wait_for_step(out, 3, w)
     slurm_cluster.run("scancel", "--signal=USR2", job)  # what SLURM sends signal_delay_s before the limit
-    wait_until(lambda: len(run_record(out)) >= 2 if (out / "run_record.jsonl").exists() else False, 120,
+    h.wait_until(lambda: len(run_record(out)) >= 2 if (out / "run_record.jsonl").exists() else False, 120,
                "the requeued job to start")
     first = run_record(out)[1]["resumed_from"]
     assert first and first.startswith("checkpoint-")
@@ -263,7 +253,7 @@ def test_a_rank_killed_ends_the_job_within_a_minute(slurm_cluster: SlurmCluster,
                 continue
         return None
 
-    victim = wait_until(rank_1, 10, "rank 1's process")
+    victim = h.wait_until(rank_1, 10, "rank 1's process")
     t0 = time.monotonic()
     victim.send_signal(signal.SIGKILL)
     rc = w.wait(timeout=90)

@@ -32,6 +32,16 @@ def _fail(msg: str) -> None:
     raise typer.Exit(2)
 
 
+def _exit_with(command: Any, *args: Any, **kwargs: Any) -> None:
+    """Run a command that returns an exit code; a user mistake (SpecError) is one message and exit 2."""
+    try:
+        code = command(*args, **kwargs)
+    except SpecError as exc:
+        _fail(str(exc))
+        return
+    raise typer.Exit(code)
+
+
 def _data_stats(spec: Any) -> tuple[dict[str, Any] | None, str | None]:
     """Tokenize and pack the training data for the plan when it can be read; otherwise say why."""
     from .data_cache import cached_stats, default_cache_root
@@ -162,12 +172,7 @@ def run(spec_path: Path = typer.Argument(..., metavar="SPEC"), overrides: Option
     """Train on this machine (accelerate launch); CPU processes over gloo when there is no CUDA.
     Rerunning the same command resumes from the newest complete checkpoint."""
     from .launcher import run as run_local
-    try:
-        code = run_local(str(spec_path), overrides or [], gpus)
-    except SpecError as exc:
-        _fail(str(exc))
-        return
-    raise typer.Exit(code)
+    _exit_with(run_local, str(spec_path), overrides or [], gpus)
 
 
 @app.command()
@@ -184,13 +189,8 @@ def submit(spec_path: Path = typer.Argument(..., metavar="SPEC"), overrides: Opt
     from .slurm import submit as submit_job
     extra = [f"slurm.{k}={v}" for k, v in (("partition", partition), ("account", account), ("qos", qos),
                                             ("time_min", time_min), ("constraint", constraint)) if v is not None]
-    try:
-        code = submit_job(str(spec_path), (overrides or []) + extra, nodes=nodes, gpus=gpus, wait=wait,
-                          dry_run=dry_run)
-    except SpecError as exc:
-        _fail(str(exc))
-        return
-    raise typer.Exit(code)
+    _exit_with(submit_job, str(spec_path), (overrides or []) + extra, nodes=nodes, gpus=gpus, wait=wait,
+               dry_run=dry_run)
 
 
 @app.command()
@@ -198,12 +198,7 @@ def sanity(spec_path: Path = typer.Argument(..., metavar="SPEC"), overrides: Opt
            gpus: Optional[int] = GPUS) -> None:
     """10–20 steps on a small subset: masking, falling loss, generation. PASS/WARN lines; exit 0 or 1."""
     from .sanity import run_sanity
-    try:
-        code = run_sanity(str(spec_path), overrides or [], gpus)
-    except SpecError as exc:
-        _fail(str(exc))
-        return
-    raise typer.Exit(code)
+    _exit_with(run_sanity, str(spec_path), overrides or [], gpus)
 
 
 def main() -> None:
