@@ -4,7 +4,7 @@ Both sides get the same 50,000 in-memory conversations (the generator of example
 other seeds, so the same task mix as examples/data/train.jsonl without duplicates), the same tiny
 tokenizer and max_length, packing on, loss on assistant tokens only:
 
-  distsft: data._tokenize_arrays + data._pack      (what data.build does between load and save)
+  distsft: build._tokenize_arrays + build._pack      (what data.build does between load and save)
   TRL:     SFTTrainer._prepare_dataset, with assistant_only_loss=True, packing_strategy="bfd",
            dataset_num_proc=None (TRL reads the {% generation %} markers of the tiny template)
 
@@ -62,14 +62,14 @@ def unpack(ds) -> list:
 
 def run_ours(convs: list, max_length: int) -> dict:
     from transformers import AutoTokenizer
-    from distsft import data
+    from distsft.data import build
     from distsft.spec import DataSpec
     tok = AutoTokenizer.from_pretrained(TINY)
     spec = DataSpec(train_files=["-"], max_length=max_length, packing=True)
     sources = [f"row {i}" for i in range(len(convs))]
     t0 = time.perf_counter()
-    arrays, stats = data._tokenize_arrays(convs, sources, tok, spec)
-    ds, stats = data._pack(arrays, stats, spec)
+    arrays, stats = build._tokenize_arrays(convs, sources, tok, spec)
+    ds, stats = build._pack(arrays, stats, spec)
     dt = time.perf_counter() - t0
     off = [0, *arrays["lengths"].cumsum().tolist()]
     pre = [(arrays["input_ids"][a:b], arrays["labels"][a:b]) for a, b in zip(off, off[1:])]

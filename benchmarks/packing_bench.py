@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from distsft.packing import lower_bound, pack_bfd, pack_next_fit
+from distsft.data.packing import lower_bound, pack_bfd, pack_next_fit
 
 DISTRIBUTIONS = [("chat", 5.5, 0.8, 2048), ("short", 4.8, 0.6, 2048), ("long", 6.8, 0.7, 4096)]
 

@@ -78,7 +78,7 @@ def hf_replay(cache_root: Path, skips: list[int]) -> dict[int, float]:
     from accelerate import skip_first_batches
     from datasets import load_from_disk
     from torch.utils.data import DataLoader
-    from distsft.collate import PackedCollator
+    from distsft.data.collate import PackedCollator
     path = next(p for p in cache_root.glob("train-*") if (p / "stats.json").exists())
     ds = load_from_disk(str(path)).to_iterable_dataset()
     out = {}

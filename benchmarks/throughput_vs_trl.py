@@ -71,7 +71,7 @@ def layout_micro(reps: int = 5, rounds: int = 3) -> None:
     import torch
     from transformers import AutoModelForCausalLM
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-    from distsft.collate import PackedCollator
+    from distsft.data.collate import PackedCollator
     torch.set_num_threads(1)
     model = AutoModelForCausalLM.from_pretrained(C.TINY, dtype=torch.float32, attn_implementation="sdpa").train()
     rng = np.random.default_rng(0)

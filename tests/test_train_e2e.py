@@ -39,7 +39,7 @@ def _independent_loss(out, step: int) -> float:
     """Token-weighted mean over the step's global batch, one example at a time, with the untouched model."""
     from distsft import data, model as model_lib
     from distsft.job import cache_root
-    from distsft.sampler import GlobalOrder
+    from distsft.data.sampler import GlobalOrder
     from distsft.spec import load_spec
     spec = load_spec(out / "run.yaml")
     tok = model_lib.load_tokenizer(spec)

@@ -44,7 +44,7 @@ def _exit_with(command: Any, *args: Any, **kwargs: Any) -> None:
 
 def _data_stats(spec: Any) -> tuple[dict[str, Any] | None, str | None]:
     """Tokenize and pack the training data for the plan when it can be read; otherwise say why."""
-    from .data_cache import cached_stats, default_cache_root
+    from .data.cache import cached_stats, default_cache_root
     warm = cached_stats(spec, "train", default_cache_root(spec))  # packed before: no tokenizer needed
     if warm is not None:
         return warm, None

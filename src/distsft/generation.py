@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, TrainerCallback
 
-from .tokenizer_utils import ChatRenderer, OffsetEncoder, resolve_chat_template
+from .data.chat import ChatRenderer, resolve_chat_template
+from .data.encode import OffsetEncoder
 
 
 def _zero3() -> bool:

@@ -28,14 +28,15 @@ def row_checksum(input_ids: Any) -> int:
 
 
 def cache_root(spec: RunSpec) -> Path:
-    from .data_cache import default_cache_root
+    from .data.cache import default_cache_root
     return default_cache_root(spec)
 
 
 def prepare_split(spec: RunSpec, tokenizer: Any, split: str) -> tuple[Any, dict[str, Any]]:
     """Tokenize + mask + pack once per job: rank 0 builds the Arrow cache, the others wait and memory-map
     it. Without a shared file system, each node's first rank builds its own copy."""
-    from . import data, data_cache
+    from . import data
+    from .data import cache as data_cache
     e, root = dist.env(), cache_root(spec)
     key = data_cache.cache_key(spec, tokenizer, split)
     if e.is_main and data_cache.load_cached(root, key) is None:
@@ -94,12 +95,12 @@ def _train(spec: RunSpec, flag: checkpoint.PreemptionFlag) -> int:
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from . import model as model_lib
-    from .collate import PackedCollator
+    from .data.collate import PackedCollator
     from .metrics import MetricsWriter
     from .plan import batch_for, steps as plan_steps, warmup_steps
     from .progress import Progress
     from .render import render_deepspeed, resolve_precision
-    from .sampler import GlobalOrder
+    from .data.sampler import GlobalOrder
     from .trainer import DistSFTTrainer, PreemptionCallback, RunContext, SinkCallback
     from .diagnostics import Diagnostics
     from .generation import SampleGenerations

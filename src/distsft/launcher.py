@@ -57,7 +57,7 @@ def prepare(spec: RunSpec, cuda: bool) -> dict[str, Any]:
 def _cached_stats(spec: RunSpec) -> dict[str, Any] | None:
     """The train split's stats when every split was already packed from these exact sources: the warm
     path, which skips loading the tokenizer (and importing transformers) just to find the cache."""
-    from .data_cache import cached_stats, default_cache_root
+    from .data.cache import cached_stats, default_cache_root
     root = default_cache_root(spec)
     splits = ["train"] + (["eval"] if spec.data.eval_files else [])
     found = [cached_stats(spec, split, root) for split in splits]

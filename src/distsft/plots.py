@@ -169,7 +169,7 @@ def lr_schedule_png(spec: Any, total_steps: int, warmup_steps: int, path: Path) 
 
 
 def _histogram(stats: dict[str, Any]) -> tuple[list[float], list[float]]:
-    """Bin edges and counts from data.py's `length_histogram` ({"bin_edges", "counts"}), tolerating an
+    """Bin edges and counts from the build's `length_histogram` ({"bin_edges", "counts"}), tolerating an
     `edges` key or left edges only."""
     h = stats.get("length_histogram") or {}
     counts = [float(c) for c in h.get("counts", [])]

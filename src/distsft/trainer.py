@@ -17,7 +17,7 @@ from transformers import TrainerCallback
 from trl import SFTTrainer
 
 from . import checkpoint, dist
-from .sampler import GlobalOrder, StepBatchSampler, eval_shards
+from .data.sampler import GlobalOrder, StepBatchSampler, eval_shards
 
 
 @dataclass

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from distsft.packing import lower_bound, pack_bfd, pack_next_fit
+from distsft.data.packing import lower_bound, pack_bfd, pack_next_fit
 
 
 def _check_valid(bins, lengths, capacity):

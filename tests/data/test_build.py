@@ -5,10 +5,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from distsft import data, data_cache
+from distsft import data
+from distsft.data import formats
+from distsft.data import cache as data_cache
 from distsft.spec import DataSpec, SpecError
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "data"
 TRL_TEMPLATES = None
 try:
     import trl
@@ -155,7 +157,7 @@ def test_instruction_format_and_system_prompt(tiny_tokenizer):
         rows[0]["output"] + "<|im_end|>\n"]
     # A conversation that has its own system message keeps it.
     spec = DataSpec(train_files=["x"], system_prompt="Be exact.")
-    msgs = data._conversation({"messages": CONV}, "here", spec)
+    msgs = formats._conversation({"messages": CONV}, "here", spec)
     assert msgs == CONV
 
 

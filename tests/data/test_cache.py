@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from distsft import data, data_cache, hardware
+from distsft import data, hardware
+from distsft.data import cache as data_cache
 from distsft.spec import load_spec
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 
 

@@ -9,160 +9,26 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from itertools import chain
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
-from distsft.data_cache import cache_key, default_cache_root, load_cached, remember, split_files
-from distsft.packing import pack_bfd
+from distsft.data.cache import cache_key, default_cache_root, load_cached, remember, split_files
+from distsft.data.chat import ChatRenderer, TemplateMismatch, resolve_chat_template
+from distsft.data.encode import OffsetEncoder, label_mask
+from distsft.data.formats import _conversation
+from distsft.data.packing import pack_bfd
+from distsft.data.sources import _iter_source
 from distsft.spec import SpecError
-from distsft.tokenizer_utils import ChatRenderer, OffsetEncoder, TemplateMismatch, label_mask, resolve_chat_template
 
-ROLES = ("system", "user", "assistant")
 _CHUNK = 8192  # conversations tokenized per batch: bounds the memory of the Encoding objects
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-_DATA_EXT = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".arrow")
 
-
-# --------------------------------------------------------------------------- loading
 
 def _data(spec: Any) -> Any:
     return getattr(spec, "data", spec)  # accept a RunSpec or its DataSpec
-
-
-def _is_hub_id(name: str) -> bool:
-    return bool(_HUB_ID.match(name)) and not name.lower().endswith(_DATA_EXT)
-
-
-def _iter_source(name: str, columns: list[str]) -> Iterator[tuple[str, Any]]:
-    """(where, record) for every record of one file, directory or hub id; `where` is file:line or
-    file[row i], for error messages."""
-    path = Path(name)
-    if path.is_dir():
-        from datasets import DatasetDict, load_from_disk
-        try:
-            ds = load_from_disk(str(path))
-        except Exception as exc:
-            raise SpecError(f"{name}: a directory must be a dataset saved with save_to_disk ({exc})") from None
-        if isinstance(ds, DatasetDict):
-            if "train" not in ds:
-                raise SpecError(f"{name}: dataset has splits {sorted(ds)}, none called 'train'")
-            ds = ds["train"]
-        yield from _iter_rows(name, ds.column_names, ds.to_list(), columns)
-    elif path.is_file():
-        suffix = path.suffix.lower()
-        if suffix == ".jsonl":
-            yield from _iter_jsonl(path)
-        elif suffix == ".json":
-            text = path.read_text(encoding="utf-8")
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as exc:
-                if exc.msg != "Extra data":  # JSON Lines saved as .json is common: read it as such
-                    raise SpecError(f"{name}:{exc.lineno}: not valid JSON ({exc.msg}, column {exc.colno})") from None
-                yield from _iter_jsonl(path)
-                return
-            if isinstance(obj, dict) and obj and all(isinstance(v, list) for v in obj.values()):
-                keys = list(obj)
-                obj = [dict(zip(keys, vals)) for vals in zip(*obj.values())]  # column-oriented JSON
-            if not isinstance(obj, list):
-                raise SpecError(f"{name}: expected a JSON array of records (or JSON Lines)")
-            yield from _iter_rows(name, None, obj, columns)
-        elif suffix == ".parquet":
-            import pyarrow.parquet as pq
-            table = pq.read_table(path)
-            yield from _iter_rows(name, table.column_names, table.to_pylist(), columns)
-        else:
-            raise SpecError(f"{name}: unsupported file type {suffix or '(none)'}; use .jsonl, .json, "
-                            ".parquet or a directory written by Dataset.save_to_disk")
-    elif _is_hub_id(name):
-        from datasets import load_dataset
-        try:
-            ds = load_dataset(name, split="train")
-        except Exception as exc:
-            raise SpecError(f"data file {name!r} is not a local path, and loading it as a Hugging Face Hub "
-                            f"dataset failed ({type(exc).__name__}: {str(exc)[:300]})") from None
-        yield from _iter_rows(name, ds.column_names, ds.to_list(), columns)
-    else:
-        raise SpecError(f"data file not found: {name}")
-
-
-def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield f"{path}:{lineno}", json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise SpecError(f"{path}:{lineno}: not valid JSON ({exc.msg}, column {exc.colno})") from None
-
-
-def _iter_rows(name: str, have: list[str] | None, rows: list, columns: list[str]) -> Iterator[tuple[str, Any]]:
-    if have is not None:  # tabular sources: check the schema once, before any row
-        for col in columns:
-            if col not in have:
-                raise SpecError(f"{name}: no column {col!r}; columns are {have}")
-    for i, row in enumerate(rows):
-        yield f"{name}[row {i}]", row
-
-
-def _hint(rec: dict, spec: Any) -> str:
-    if spec.format == "messages" and spec.instruction_column in rec and spec.output_column in rec:
-        return " (this looks like instruction data: set data.format: instruction)"
-    if spec.format == "instruction" and spec.messages_column in rec:
-        return " (this looks like chat data: set data.format: messages)"
-    return ""
-
-
-def _need(rec: Any, col: str, key: str, where: str, spec: Any) -> Any:
-    if not isinstance(rec, dict):
-        raise SpecError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-    if col not in rec:
-        raise SpecError(f"{where}: missing column {col!r} (data.{key}); keys are {sorted(rec)}"
-                        + _hint(rec, spec))
-    return rec[col]
-
-
-def _conversation(rec: Any, where: str, spec: Any) -> list[dict]:
-    if spec.format == "instruction":
-        inst = _need(rec, spec.instruction_column, "instruction_column", where, spec)
-        out = _need(rec, spec.output_column, "output_column", where, spec)
-        inp = rec.get(spec.input_column) or ""
-        for col, v in ((spec.instruction_column, inst), (spec.output_column, out), (spec.input_column, inp)):
-            if not isinstance(v, str):
-                raise SpecError(f"{where}: column {col!r} must be a string, got {type(v).__name__}")
-        if not out.strip():
-            raise SpecError(f"{where}: empty {spec.output_column!r} (the assistant turn); nothing to train on")
-        user = inst + ("\n\n" + inp if inp.strip() else "")
-        msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": out}]
-    else:
-        raw = _need(rec, spec.messages_column, "messages_column", where, spec)
-        if not isinstance(raw, list) or not raw:
-            raise SpecError(f"{where}: {spec.messages_column!r} must be a non-empty list of messages")
-        msgs = []
-        for j, m in enumerate(raw):
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise SpecError(f"{where}: message {j} must be an object with 'role' and 'content'")
-            role, content = m["role"], m["content"]
-            if role not in ROLES:
-                raise SpecError(f"{where}: message {j} has role {role!r}; roles must be one of "
-                                f"{', '.join(ROLES)}")
-            if not isinstance(content, str):
-                raise SpecError(f"{where}: message {j} ({role}) content must be a string, "
-                                f"got {type(content).__name__}")
-            if role == "assistant" and not content.strip():
-                raise SpecError(f"{where}: message {j} is an empty assistant turn")
-            msgs.append({"role": role, "content": content})
-        if not any(m["role"] == "assistant" for m in msgs):
-            raise SpecError(f"{where}: conversation has no assistant turn; nothing to train on")
-    if spec.system_prompt and not any(m["role"] == "system" for m in msgs):
-        msgs.insert(0, {"role": "system", "content": spec.system_prompt})
-    return msgs
 
 
 def _load(files: list[str], fmt: str, spec: Any, limit: int | None = None) -> tuple[list, list[str]]:

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from distsft.sampler import GlobalOrder, StepBatchSampler, eval_shards, split_step
+from distsft.data.sampler import GlobalOrder, StepBatchSampler, eval_shards, split_step
 
 
 def rows_seen(order, micro, accum, world, start, total):

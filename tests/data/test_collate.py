@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from distsft.collate import PackedCollator
+from distsft.data.collate import PackedCollator
 
 PAD = 0
 

@@ -20,7 +20,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .spec import SpecError
+from distsft.spec import SpecError
 
 DATA_FORMAT_VERSION = 1  # bump when the cached layout or the labelling rules change
 INDEX_DIR = "index"
@@ -71,7 +71,8 @@ def _digest(obj: Any, n: int = 20) -> str:
 
 
 def cache_key(spec: Any, tokenizer: Any, split: str) -> str:
-    from .tokenizer_utils import resolve_chat_template, tokenizer_fingerprint
+    from distsft.data.chat import resolve_chat_template
+    from distsft.data.encode import tokenizer_fingerprint
     template = resolve_chat_template(tokenizer, _data(spec).chat_template)
     blob = {**_inputs(spec, split), "tokenizer": tokenizer_fingerprint(tokenizer),
             "chat_template": hashlib.sha256(template.encode()).hexdigest()}
