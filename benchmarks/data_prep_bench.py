@@ -66,9 +66,9 @@ def run_ours(convs: list, max_length: int) -> dict:
     from distsft.spec import DataSpec
     tok = AutoTokenizer.from_pretrained(TINY)
     spec = DataSpec(train_files=["-"], max_length=max_length, packing=True)
-    sources = [f"row {i}" for i in range(len(convs))]
+    pairs = [(f"row {i}", {"messages": c}) for i, c in enumerate(convs)]
     t0 = time.perf_counter()
-    arrays, stats = build._tokenize_arrays(convs, sources, tok, spec)
+    arrays, stats = build._tokenize_arrays(pairs, tok, spec)
     ds, stats = build._pack(arrays, stats, spec)
     dt = time.perf_counter() - t0
     off = [0, *arrays["lengths"].cumsum().tolist()]

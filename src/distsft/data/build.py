@@ -17,8 +17,7 @@ from typing import Any
 import numpy as np
 
 from distsft.data.cache import cache_key, default_cache_root, load_cached, remember, split_files
-from distsft.data.chat import ChatRenderer, TemplateMismatch, resolve_chat_template
-from distsft.data.encode import OffsetEncoder, label_mask
+from distsft.data.examples import Encoder
 from distsft.data.formats import _conversation
 from distsft.data.packing import pack_bfd
 from distsft.data.sources import _iter_source
@@ -31,66 +30,44 @@ def _data(spec: Any) -> Any:
     return getattr(spec, "data", spec)  # accept a RunSpec or its DataSpec
 
 
-def _load(files: list[str], fmt: str, spec: Any, limit: int | None = None) -> tuple[list, list[str]]:
+def _load(files: list[str], fmt: str, spec: Any, limit: int | None = None) -> tuple[list, Any]:
+    """The raw `(where, record)` pairs of `files` and the DataSpec to read them with (`fmt` applied)."""
     spec = _data(spec)
     files = [files] if isinstance(files, (str, Path)) else files
     if fmt != spec.format:
         spec = spec.model_copy(update={"format": fmt})
     columns = ([spec.messages_column] if fmt == "messages"
                else [spec.instruction_column, spec.output_column])
-    convs, sources = [], []
+    pairs = []
     for name in files:
-        for where, rec in _iter_source(str(name), columns):
-            convs.append(_conversation(rec, where, spec))
-            sources.append(where)
-            if limit and len(convs) >= limit:
-                return convs, sources
-    if not convs:
+        for pair in _iter_source(str(name), columns):
+            pairs.append(pair)
+            if limit and len(pairs) >= limit:
+                return pairs, spec
+    if not pairs:
         raise SpecError(f"no records in {', '.join(map(str, files))}")
-    return convs, sources
+    return pairs, spec
 
 
 def load_records(files: list[str], fmt: str, spec: Any) -> Any:
     """A Dataset with `messages` (validated, system prompt applied) and `source` (file:line)."""
     from datasets import Dataset
-    convs, sources = _load(files, fmt, spec)
-    return Dataset.from_dict({"messages": convs, "source": sources})
+    pairs, spec = _load(files, fmt, spec)
+    return Dataset.from_dict({"messages": [_conversation(rec, where, spec) for where, rec in pairs],
+                              "source": [where for where, _ in pairs]})
 
 
 # --------------------------------------------------------------------------- tokenize and mask
 
-def _tokenize_arrays(convs: list, sources: list[str], tokenizer: Any, spec: Any) -> tuple[dict, dict]:
+def _tokenize_arrays(pairs: list, tokenizer: Any, spec: Any) -> tuple[dict, dict]:
     """Flat numpy token/label arrays and per-example lengths, after overlong handling."""
-    if not convs:
+    if not pairs:
         raise SpecError("no conversations to tokenize")
-    renderer = ChatRenderer(tokenizer, resolve_chat_template(tokenizer, spec.chat_template))
-    enc = OffsetEncoder(tokenizer)
-    ids_parts, lab_parts, len_parts = [], [], []
-    for lo in range(0, len(convs), _CHUNK):
-        texts, spans, text_lens = [], [], []
-        for conv, src in zip(convs[lo:lo + _CHUNK], sources[lo:lo + _CHUNK]):
-            try:
-                text, sp = renderer.assistant_spans(conv)
-            except TemplateMismatch as exc:
-                raise SpecError(f"{src}: {exc}; the chat template rewrites assistant messages, so the loss "
-                                "mask cannot be found. Set data.chat_template to one that keeps them") from None
-            except Exception as exc:
-                raise SpecError(f"{src}: the chat template failed on this conversation: "
-                                f"{type(exc).__name__}: {exc}") from None
-            text, shift = enc.add_bos(text)
-            texts.append(text)
-            spans.append([(s + shift, e + shift) for s, e in sp])
-            text_lens.append(len(text))
-        ids, starts, ends, lens = enc.encode(texts, spans)
-        counts = np.fromiter((len(s) for s in spans), dtype=np.int64, count=len(spans))
-        flat = np.array([c for s in spans for c in s], dtype=np.int64).reshape(-1, 2)
-        mask = label_mask(starts, ends, lens, np.asarray(text_lens, dtype=np.int64),
-                          flat[:, 0], flat[:, 1], counts)
-        ids_parts.append(ids)
-        lab_parts.append(np.where(mask, ids, -100).astype(np.int32))
-        len_parts.append(lens)
-    ids, labels = np.concatenate(ids_parts), np.concatenate(lab_parts)
-    lens = np.concatenate(len_parts)
+    encoder = Encoder(tokenizer, spec)
+    parts = [encoder(pairs[lo:lo + _CHUNK]) for lo in range(0, len(pairs), _CHUNK)]
+    ids = np.concatenate([p.input_ids for p in parts])
+    labels = np.concatenate([p.labels for p in parts])
+    lens = np.concatenate([p.lengths for p in parts])
     return _apply_overlong(ids, labels, lens, spec)
 
 
@@ -144,10 +121,11 @@ def tokenize(dataset: Any, tokenizer: Any, spec: Any) -> tuple[Any, dict]:
     """Columns input_ids, labels (-100 outside assistant turns), length; plus per-example stats."""
     spec = _data(spec)
     sources = dataset["source"] if "source" in dataset.column_names else [f"row {i}" for i in range(len(dataset))]
-    # Re-validate: the dataset may not come from load_records (e.g. Arrow's None-filled struct keys).
+    # Re-validated by the encoder: the dataset may not come from load_records (e.g. Arrow's None-filled
+    # struct keys).
     chat = spec.model_copy(update={"format": "messages", "messages_column": "messages"})
-    convs = [_conversation({"messages": c}, src, chat) for c, src in zip(dataset["messages"], sources)]
-    tok, stats = _tokenize_arrays(convs, sources, tokenizer, spec)
+    pairs = [(src, {"messages": c}) for c, src in zip(dataset["messages"], sources)]
+    tok, stats = _tokenize_arrays(pairs, tokenizer, chat)
     off = _offsets(tok["lengths"])
     ds = _dataset({"input_ids": _list_array(off, tok["input_ids"]), "labels": _list_array(off, tok["labels"]),
                    "length": tok["lengths"].astype(np.int32)})
@@ -186,8 +164,8 @@ def build(spec: Any, tokenizer: Any, split: str, cache_root: str | Path) -> tupl
     d = _data(spec)
     key = cache_key(spec, tokenizer, split)
     limit = getattr(d, "max_train_examples", None) if split == "train" else None
-    convs, sources = _load(split_files(spec, split), d.format, d, limit=limit)
-    tok, stats = _tokenize_arrays(convs, sources, tokenizer, d)
+    pairs, d = _load(split_files(spec, split), d.format, d, limit=limit)
+    tok, stats = _tokenize_arrays(pairs, tokenizer, d)
     ds, stats = _pack(tok, stats, d)
     root = Path(cache_root)
     root.mkdir(parents=True, exist_ok=True)
