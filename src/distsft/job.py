@@ -98,6 +98,7 @@ def _train(spec: RunSpec, flag: checkpoint.PreemptionFlag) -> int:
     from .data.collate import PackedCollator
     from .metrics import MetricsWriter
     from .plan import batch_for, steps as plan_steps, warmup_steps
+    from .schedules import scheduler_kwargs
     from .progress import Progress
     from .render import render_deepspeed, resolve_precision
     from .data.sampler import GlobalOrder
@@ -140,6 +141,7 @@ def _train(spec: RunSpec, flag: checkpoint.PreemptionFlag) -> int:
         per_device_eval_batch_size=t.per_device_eval_batch_size or batch.per_device_train_batch_size,
         gradient_accumulation_steps=batch.gradient_accumulation_steps, learning_rate=float(t.learning_rate),
         lr_scheduler_type=t.lr_scheduler_type, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
+        **_option_args(spec),
         seed=t.seed, data_seed=t.seed, bf16=precision == "bf16", fp16=precision == "fp16",
         **_checkpointing_args(t.gradient_checkpointing),
         logging_steps=spec.logging.logging_steps, report_to="none", disable_tqdm=True,
@@ -171,6 +173,7 @@ def _train(spec: RunSpec, flag: checkpoint.PreemptionFlag) -> int:
     steps_per_epoch, total = plan_steps(stats["num_rows"], batch.global_batch_size, t.num_train_epochs, t.max_steps)
     args.max_steps = total
     args.warmup_steps = warmup_steps(total, t.warmup_ratio)
+    args.lr_scheduler_kwargs = scheduler_kwargs(t, total) or {}  # min-LR cosine / WSD need the step count
     order = GlobalOrder(stats["num_rows"], batch.global_batch_size, t.seed)
 
     resume_step = int(checkpoint.read_marker(resume)["step"]) if resume else 0
@@ -189,7 +192,7 @@ def _train(spec: RunSpec, flag: checkpoint.PreemptionFlag) -> int:
 
     from transformers import set_seed
     set_seed(t.seed)  # before the model: LoRA adapters are initialised randomly when they are attached
-    model = model_lib.load_model(spec, precision, attn, device)
+    model = model_lib.load_model(spec, precision, attn, device, tokenizer=tokenizer)
     packed = PackedCollator(tokenizer.pad_token_id, attn)
 
     def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -240,6 +243,18 @@ def _train(spec: RunSpec, flag: checkpoint.PreemptionFlag) -> int:
     return 0
 
 
+def _option_args(spec: RunSpec) -> dict[str, Any]:
+    """Optimizer, kernels and run name, passed through to TRL/HF under their own names."""
+    t = spec.train
+    return {"optim": t.optim, "adam_beta1": t.adam_beta1, "adam_beta2": t.adam_beta2,
+            "adam_epsilon": t.adam_epsilon, "torch_compile": t.torch_compile,
+            "use_liger_kernel": spec.model.use_liger_kernel, "run_name": run_name(spec)}
+
+
+def run_name(spec: RunSpec) -> str:
+    return spec.logging.run_name or Path(spec.output_dir).name
+
+
 def _checkpointing_args(enabled: bool) -> dict[str, Any]:
     """Gradient checkpointing exactly as the spec says (TRL's own default is on), with
     use_reentrant=False, under the name this transformers version uses."""
@@ -266,7 +281,8 @@ def _record_start(out: Path, e: dist.DistEnv, spec: RunSpec, batch: Any, stats: 
                   resume: Path | None) -> None:
     rec = dict(e.record(), time=time.time(), pid=os.getpid(), writer_rank=e.rank,
                global_batch_size=batch.global_batch_size, gradient_accumulation_steps=batch.gradient_accumulation_steps,
-               resumed_from=resume.name if resume else None, num_rows=stats["num_rows"])
+               resumed_from=resume.name if resume else None, num_rows=stats["num_rows"],
+               run_name=run_name(spec), optim=spec.train.optim)
     with open(out / "run_record.jsonl", "a") as f:
         f.write(json.dumps(rec) + "\n")
 

@@ -33,6 +33,9 @@ def load_tokenizer(spec: RunSpec, local_files_only: bool = False) -> Any:
     if tok.pad_token is None:
         # Padding positions carry label -100 and are masked, so any token id serves.
         tok.pad_token = tok.eos_token
+    if spec.model.add_special_tokens:
+        from .tokens import add_tokens
+        add_tokens(tok, spec.model.add_special_tokens)
     return tok
 
 
@@ -46,7 +49,7 @@ def check_qlora_runs(device: torch.device) -> None:
                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
 
 
-def load_model(spec: RunSpec, precision: str, attn: str, device: torch.device) -> Any:
+def load_model(spec: RunSpec, precision: str, attn: str, device: torch.device, tokenizer: Any = None) -> Any:
     from transformers import AutoModelForCausalLM
     kwargs: dict[str, Any] = {"attn_implementation": attn, "dtype": weights_dtype(spec, precision),
                               "trust_remote_code": spec.model.trust_remote_code}
@@ -63,6 +66,7 @@ def load_model(spec: RunSpec, precision: str, attn: str, device: torch.device) -
     except (OSError, ValueError) as exc:
         raise SpecError(f"model.name_or_path: cannot load {spec.model.name_or_path!r}: "
                         f"{str(exc).splitlines()[0]}") from None
+    new_ids = _new_token_rows(spec, model, tokenizer)
     if spec.peft.method == "none":
         return model
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -71,8 +75,37 @@ def load_model(spec: RunSpec, precision: str, attn: str, device: torch.device) -
             model, use_gradient_checkpointing=spec.train.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(r=spec.peft.r, lora_alpha=spec.peft.lora_alpha, lora_dropout=spec.peft.lora_dropout,
-                      target_modules=spec.peft.target_modules, task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
+                      target_modules=spec.peft.target_modules, task_type="CAUSAL_LM", **_lora_options(spec, model, new_ids))
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as exc:  # e.g. a modules_to_save / exclude_modules name the model does not have
+        raise SpecError(f"peft: {str(exc).splitlines()[0]} (check peft.target_modules, modules_to_save, "
+                        "exclude_modules)") from None
+
+
+def _new_token_rows(spec: RunSpec, model: Any, tokenizer: Any) -> list[int]:
+    """`model.add_special_tokens`: their ids, with embedding rows made for them (tokens.init_new_rows)."""
+    if not spec.model.add_special_tokens:
+        return []
+    from .tokens import init_new_rows, new_token_ids
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec)
+    init_new_rows(model, tokenizer, new_token_ids(tokenizer))  # rows of tokens already known stay
+    return [tokenizer.convert_tokens_to_ids(t) for t in spec.model.add_special_tokens]
+
+
+def _lora_options(spec: RunSpec, model: Any, new_ids: list[int]) -> dict[str, Any]:
+    """DoRA, rsLoRA, modules_to_save, exclude_modules, and the added tokens' rows as trainable tokens."""
+    from .tokens import trainable_token_indices
+    p = spec.peft
+    opts: dict[str, Any] = {"use_dora": p.use_dora, "use_rslora": p.use_rslora}
+    if p.modules_to_save:
+        opts["modules_to_save"] = list(p.modules_to_save)
+    if p.exclude_modules:
+        opts["exclude_modules"] = p.exclude_modules
+    tokens = trainable_token_indices(model, new_ids, list(p.modules_to_save))
+    if tokens:
+        opts["trainable_token_indices"] = tokens
+    return opts
 
 
 def save_merged(adapter_dir: str, out_dir: str, dtype: torch.dtype) -> None:

@@ -143,17 +143,8 @@ class Chart:
 
 def lr_schedule(spec: Any, total_steps: int, warmup_steps: int) -> list[float]:
     """The learning rate of each optimizer step 1..total_steps, from the scheduler training builds."""
-    import torch
-    from torch.optim.lr_scheduler import LambdaLR
-    from transformers import get_scheduler
-
-    base = float(spec.train.learning_rate)
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base)
-    sched = get_scheduler(spec.train.lr_scheduler_type, opt, num_warmup_steps=warmup_steps,
-                          num_training_steps=total_steps)
-    assert isinstance(sched, LambdaLR), "spec.SCHEDULERS holds LambdaLR schedules only"
-    # What LambdaLR.step() sets before step s + 1, without stepping an optimizer 100k times.
-    return [base * sched.lr_lambdas[0](s) for s in range(total_steps)]
+    from .schedules import lr_curve
+    return lr_curve(spec, total_steps, warmup_steps)
 
 
 def lr_schedule_png(spec: Any, total_steps: int, warmup_steps: int, path: Path) -> Path:

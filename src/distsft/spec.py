@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .schedules import SCHEDULERS  # HF scheduler names; their spec-derived kwargs live there too
+
 SAFE_SHELL_WORD = re.compile(r"^[A-Za-z0-9_.,:=@%+/\-\[\]]*$")
 
 
@@ -29,6 +31,18 @@ class ModelSpec(_Section):
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
     torch_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     trust_remote_code: bool = False
+    # Tokens to add as special tokens (e.g. a chat template's markers the base model lacks): the
+    # embeddings are resized, the new rows start at the mean of the old ones, and they train (LoRA too).
+    add_special_tokens: list[str] = Field(default_factory=list)
+    use_liger_kernel: bool = False  # Liger's fused Triton kernels (CUDA only), applied by TRL/HF
+
+    @field_validator("add_special_tokens", mode="before")
+    @classmethod
+    def _tokens(cls, v: Any) -> Any:
+        v = [v] if isinstance(v, str) else v
+        if isinstance(v, list) and any(not isinstance(t, str) or not t.strip() for t in v):
+            raise ValueError("model.add_special_tokens must be a list of non-empty strings")
+        return v
 
 
 class DataSpec(_Section):
@@ -59,12 +73,17 @@ class PeftSpec(_Section):
     lora_alpha: int = Field(32, ge=1)
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    use_dora: bool = False
+    use_rslora: bool = False  # scale by lora_alpha / sqrt(r) instead of lora_alpha / r
+    modules_to_save: list[str] = Field(default_factory=list)  # trained in full and saved with the adapter
+    exclude_modules: list[str] | str = Field(default_factory=list)  # names (or one regex) never adapted
+
+    @field_validator("modules_to_save", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
 
 
-# HF scheduler names that need no extra arguments (cosine_with_min_lr, warmup_stable_decay and
-# reduce_lr_on_plateau need settings the spec does not carry).
-SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
-              "constant_with_warmup", "inverse_sqrt")
 
 
 class TrainSpec(_Section):
@@ -86,9 +105,34 @@ class TrainSpec(_Section):
     fp16: bool = False
     gradient_checkpointing: bool = False
     eval_steps: int | None = Field(None, ge=1)
+    optim: str = "adamw_torch"  # any of transformers' OptimizerNames (optim.OPTIMIZERS)
+    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    adam_beta2: float = Field(0.999, ge=0.0, lt=1.0)
+    adam_epsilon: float = Field(1e-8, gt=0.0)
+    # cosine_with_min_lr (default 0.1) and warmup_stable_decay (default 0): final LR = ratio × peak
+    min_lr_ratio: float | None = Field(None, ge=0.0, le=1.0)
+    decay_ratio: float | None = Field(None, gt=0.0, le=1.0)  # warmup_stable_decay: share of steps decaying
+    torch_compile: bool = False
+
+    @field_validator("optim")
+    @classmethod
+    def _optim(cls, v: str) -> str:
+        from .optim import validate_name
+        return validate_name(v)
 
     @model_validator(mode="after")
     def _check(self) -> "TrainSpec":
+        from .schedules import MIN_LR_SCHEDULERS
+        if self.min_lr_ratio is not None and self.lr_scheduler_type not in MIN_LR_SCHEDULERS:
+            raise ValueError(f"train.min_lr_ratio applies to lr_scheduler_type {' or '.join(MIN_LR_SCHEDULERS)}, "
+                             f"not {self.lr_scheduler_type}")
+        if self.decay_ratio is not None and self.lr_scheduler_type != "warmup_stable_decay":
+            raise ValueError("train.decay_ratio applies to lr_scheduler_type warmup_stable_decay, "
+                             f"not {self.lr_scheduler_type}")
+        if self.lr_scheduler_type == "warmup_stable_decay" and \
+                self.warmup_ratio + (0.1 if self.decay_ratio is None else self.decay_ratio) > 1.0:
+            raise ValueError(f"train.warmup_ratio ({self.warmup_ratio}) + train.decay_ratio "
+                             f"({self.decay_ratio}) exceed 1: nothing is left of the training to decay")
         if self.gradient_accumulation_steps is not None and self.global_batch_size is not None:
             raise ValueError(
                 "set at most one of train.gradient_accumulation_steps and train.global_batch_size "
@@ -181,6 +225,25 @@ class LoggingSpec(_Section):
     generation_prompts: list[str] = Field(default_factory=list)
     generation_max_new_tokens: int = Field(32, ge=1)
     wandb_project: str | None = None
+    # The run's name: W&B run name, TensorBoard subdirectory (tensorboard/RUN_NAME), run_record.jsonl.
+    # Default: the output_dir's name (and tensorboard/ itself).
+    run_name: str | None = None
+    wandb_entity: str | None = None
+    wandb_tags: list[str] = Field(default_factory=list)
+    peak_tflops: float | None = Field(None, gt=0.0)  # the device's peak for the mfu metric (else by name)
+
+    @field_validator("run_name")
+    @classmethod
+    def _run_name(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^[A-Za-z0-9_][A-Za-z0-9_.+=@-]{0,127}$", v):
+            raise ValueError(f"logging.run_name={v!r} must be a directory name: letters, digits and "
+                             "_.+=@- (no / or spaces), at most 128 characters")
+        return v
+
+    @field_validator("wandb_tags", mode="before")
+    @classmethod
+    def _tags(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
 
     @field_validator("report_to", mode="before")
     @classmethod
@@ -226,12 +289,23 @@ class RunSpec(_Section):
                 raise ValueError(f"checkpoint.load_best_at_end needs checkpoint.save_steps "
                                  f"({self.checkpoint.save_steps}) to be a multiple of train.eval_steps "
                                  f"({self.train.eval_steps}), so every saved checkpoint has an eval loss")
+        _check_options(self)
         if self.logging.generation_steps and not self.logging.generation_prompts:
             raise ValueError("logging.generation_steps needs logging.generation_prompts")
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+def _check_options(spec: RunSpec) -> None:
+    """PEFT options only mean something with an adapter."""
+    p = spec.peft
+    if p.method == "none":
+        for key, on in (("use_dora", p.use_dora), ("use_rslora", p.use_rslora),
+                        ("modules_to_save", p.modules_to_save), ("exclude_modules", p.exclude_modules)):
+            if on:
+                raise ValueError(f"peft.{key} needs peft.method: lora or qlora")
 
 
 # --------------------------------------------------------------------------- loading and errors

@@ -141,6 +141,7 @@ def source_key(spec: Any, split: str) -> str | None:
             template = ["file", hashlib.sha256(Path(template).read_bytes()).hexdigest()]
         blob = {**_inputs(spec, split), "tokenizer_files": _tokenizer_source(model_dir), "chat_template": template,
                 "trust_remote_code": spec.model.trust_remote_code,
+                "added_tokens": list(getattr(spec.model, "add_special_tokens", None) or []),
                 "versions": [_version(d) for d in ("transformers", "tokenizers", "jinja2")]}
     except OSError:  # an unreadable file: the slow path will name it, if it matters
         return None
