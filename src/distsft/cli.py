@@ -74,6 +74,8 @@ def plan(spec_path: Path = typer.Argument(..., metavar="SPEC"), overrides: Optio
             make_plan(spec)  # batch errors first, before touching data
             stats, why = (None, "skipped (--no-data)") if no_data else _data_stats(spec)
             p = make_plan(spec, stats)
+            from .tokens import plan_warnings
+            p.warnings += plan_warnings(spec)  # template markers missing from the vocabulary (trl#1668)
         except SpecError as exc:
             _fail(str(exc))
             return

@@ -51,3 +51,17 @@ def choose_attn(requested: str) -> str:
     if requested != "auto":
         return requested
     return "flash_attention_2" if cuda and major >= 8 and has_fa else "sdpa"
+
+
+def check_kernels(use_liger_kernel: bool) -> None:
+    """`model.use_liger_kernel` needs CUDA (Liger's kernels are Triton) and the liger-kernel package:
+    say so before any rank starts instead of failing in every rank's model patching."""
+    if not use_liger_kernel:
+        return
+    from .spec import SpecError
+    if not cuda_info()[0]:
+        raise SpecError("model.use_liger_kernel: true needs a CUDA GPU (Liger's kernels are Triton GPU "
+                        "kernels) and this machine has none; set model.use_liger_kernel: false here")
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise SpecError("model.use_liger_kernel: true needs the liger-kernel package "
+                        "(pip install liger-kernel), which is not installed here")

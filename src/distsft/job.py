@@ -117,6 +117,9 @@ def _train(spec: RunSpec, flag: checkpoint.PreemptionFlag) -> int:
     cuda, bf16_ok, _ = hardware.cuda_info()
     precision = resolve_precision(spec, cuda, bf16_ok)
     attn = hardware.choose_attn(spec.model.attn_implementation)
+    hardware.check_kernels(spec.model.use_liger_kernel)  # also when the ranks were started by hand
+    from .optim import check_available
+    check_available(spec.train.optim)
     batch = batch_for(spec, world_size=e.world_size)
     t = spec.train
     resume = checkpoint.resolve_resume(spec.checkpoint.resume, out)
@@ -194,6 +197,8 @@ def _train(spec: RunSpec, flag: checkpoint.PreemptionFlag) -> int:
     set_seed(t.seed)  # before the model: LoRA adapters are initialised randomly when they are attached
     model = model_lib.load_model(spec, precision, attn, device, tokenizer=tokenizer)
     packed = PackedCollator(tokenizer.pad_token_id, attn)
+    from .mfu import meter
+    ctx.mfu = meter(model, e.world_size, device, spec.logging.peak_tflops, warn=dist.print0)
 
     def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
         b = packed(rows)

@@ -37,6 +37,7 @@ def prepare(spec: RunSpec, cuda: bool) -> dict[str, Any]:
         # Before the ranks start: a long conversion cannot time out a collective; a failure is one message.
         convert_if_needed(resume, batch_for(spec).world_size)
     choose_attn(spec.model.attn_implementation)
+    _check_options(spec)
     if spec.peft.method == "qlora":
         import torch
         from .model import check_qlora_runs
@@ -52,6 +53,14 @@ def prepare(spec: RunSpec, cuda: bool) -> dict[str, Any]:
     if spec.data.eval_files:
         prepare_split(spec, tokenizer, "eval")
     return stats
+
+
+def _check_options(spec: RunSpec) -> None:
+    """Liger without CUDA, an optimizer whose package is missing: exit 2 before any rank starts."""
+    from .hardware import check_kernels
+    from .optim import check_available
+    check_kernels(spec.model.use_liger_kernel)
+    check_available(spec.train.optim)
 
 
 def _cached_stats(spec: RunSpec) -> dict[str, Any] | None:

@@ -77,10 +77,14 @@ def load_model(spec: RunSpec, precision: str, attn: str, device: torch.device, t
     lora = LoraConfig(r=spec.peft.r, lora_alpha=spec.peft.lora_alpha, lora_dropout=spec.peft.lora_dropout,
                       target_modules=spec.peft.target_modules, task_type="CAUSAL_LM", **_lora_options(spec, model, new_ids))
     try:
-        return get_peft_model(model, lora)
+        model = get_peft_model(model, lora)
     except ValueError as exc:  # e.g. a modules_to_save / exclude_modules name the model does not have
         raise SpecError(f"peft: {str(exc).splitlines()[0]} (check peft.target_modules, modules_to_save, "
                         "exclude_modules)") from None
+    if new_ids:
+        from .tokens import expose_head_bias
+        expose_head_bias(model)
+    return model
 
 
 def _new_token_rows(spec: RunSpec, model: Any, tokenizer: Any) -> list[int]:

@@ -150,8 +150,9 @@ def lr_schedule(spec: Any, total_steps: int, warmup_steps: int) -> list[float]:
 def lr_schedule_png(spec: Any, total_steps: int, warmup_steps: int, path: Path) -> Path:
     lrs = lr_schedule(spec, total_steps, warmup_steps)
     steps = list(range(1, total_steps + 1))
-    chart = Chart(f"Learning rate: {spec.train.lr_scheduler_type}, peak {spec.train.learning_rate:g}, "
-                  f"{total_steps} steps", "optimizer step", "learning rate",
+    from .schedules import final_lr_note
+    chart = Chart(f"Learning rate: {spec.train.lr_scheduler_type}, peak {spec.train.learning_rate:g}"
+                  f"{final_lr_note(spec.train)}, {total_steps} steps", "optimizer step", "learning rate",
                   (0, max(total_steps, 1)), (0, max(lrs) * 1.08 if lrs and max(lrs) > 0 else 1.0))
     chart.line(steps, lrs, BLUE, "learning rate", markers=total_steps <= 30)
     if warmup_steps:

@@ -98,6 +98,8 @@ def run_sanity(spec_path: str, overrides: list[str], gpus: int | None) -> int:
     out = Path(tempfile.mkdtemp(prefix="distsft-sanity-"))
     spec = _sanity_spec(user, out / "run")
     results, stats = check_masking(spec)
+    from .tokens import sanity_results
+    results += sanity_results(spec)  # template markers missing from the vocabulary (trl#1668)
     _subset_batch(spec, stats["num_rows"])
     spec_file = out / "sanity.yaml"
     dump_spec(spec, spec_file)

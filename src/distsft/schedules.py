@@ -38,6 +38,15 @@ def scheduler_kwargs(train: Any, total_steps: int) -> dict[str, Any] | None:
     return None
 
 
+def final_lr_note(train: Any) -> str:
+    """", min 0.1 × peak" for the schedules that end at a floor (plot titles)."""
+    name = train.lr_scheduler_type
+    if name not in MIN_LR_SCHEDULERS:
+        return ""
+    ratio = DEFAULT_MIN_LR_RATIO[name] if train.min_lr_ratio is None else train.min_lr_ratio
+    return f", min {ratio:g} × peak"
+
+
 def lr_curve(spec: Any, total_steps: int, warmup_steps: int) -> list[float]:
     """The learning rate of each optimizer step 1..total_steps, from the scheduler training builds
     (HF logs `learning_rate` for step s before stepping the scheduler: the LR step s used)."""

@@ -39,12 +39,18 @@ def _generations_markdown(gens: list[dict[str, str]]) -> str:
     return "\n".join(["| prompt | completion |", "|---|---|", *rows])
 
 
+def tensorboard_dir(output_dir: Path, run_name: str | None = None) -> Path:
+    """tensorboard/ or, with logging.run_name, tensorboard/RUN_NAME: `tensorboard --logdir` on a parent
+    directory of several runs then lists each under its name."""
+    return Path(output_dir) / TENSORBOARD_DIR / run_name if run_name else Path(output_dir) / TENSORBOARD_DIR
+
+
 class TensorBoardSink:
-    def __init__(self, output_dir: Path, resume_step: int = 0):
+    def __init__(self, output_dir: Path, resume_step: int = 0, run_name: str | None = None):
         from torch.utils.tensorboard import SummaryWriter
         # purge_step drops events logged after the checkpoint we resume from (a crash can leave some),
         # as the JSONL sink does, so every step has one point.
-        self._w = SummaryWriter(log_dir=str(output_dir / TENSORBOARD_DIR),
+        self._w = SummaryWriter(log_dir=str(tensorboard_dir(output_dir, run_name)),
                                 purge_step=resume_step + 1 if resume_step > 0 else None)
 
     def write(self, record: dict[str, Any]) -> None:
@@ -93,7 +99,8 @@ class WandbSink:
         mode = None if os.environ.get("WANDB_MODE") else "offline"
         self.run = wandb.init(
             project=spec.logging.wandb_project or "distsft", id=wandb_run_id(output_dir), resume="allow",
-            dir=str(output_dir), mode=mode, name=Path(spec.output_dir).name,
+            dir=str(output_dir), mode=mode, name=spec.logging.run_name or Path(spec.output_dir).name,
+            entity=spec.logging.wandb_entity, tags=list(spec.logging.wandb_tags) or None,
             config=_redact(spec.to_dict(), os.environ.get("WANDB_API_KEY")), reinit="create_new")
         # Steps are ours, not W&B's counter: a resumed job logs steps W&B has already seen, which its
         # own step would silently drop.
@@ -122,7 +129,7 @@ def make_sinks(names: list[str], out: Path, spec: RunSpec, resume_step: int = 0)
     sinks: list[Any] = []
     for name in names:
         if name == "tensorboard":
-            sinks.append(TensorBoardSink(out, resume_step))
+            sinks.append(TensorBoardSink(out, resume_step, run_name=spec.logging.run_name))
         elif name == "wandb":
             sinks.append(WandbSink(out, spec))
         elif name != "jsonl":

@@ -126,3 +126,34 @@ def trainable_token_indices(model: Any, ids: list[int], modules_to_save: list[st
         if name and not any(name == m or name.endswith("." + m) for m in modules_to_save):
             out[name.split(".")[-1]] = ids
     return out or None
+
+
+def plan_warnings(spec: Any) -> list[str]:
+    """For `distsft plan`: the missing-marker warning, when the tokenizer can be read locally."""
+    from .model import load_tokenizer
+    try:
+        msg = missing_tokens_message(spec, load_tokenizer(spec, local_files_only=True))
+    except Exception:  # noqa: BLE001 - an unreadable tokenizer is reported by the data step already
+        return []
+    return [msg] if msg else []
+
+
+def sanity_results(spec: Any) -> list[tuple[str, str]]:
+    """For `distsft sanity`: WARN when a template marker is missing, PASS otherwise."""
+    warnings = plan_warnings(spec)
+    if warnings:
+        return [("WARN", w) for w in warnings]
+    return [("PASS", "every control-token marker of the chat template is a token of the vocabulary")]
+
+
+def expose_head_bias(model: Any) -> None:
+    """TRL's SFTTrainer computes the loss with a fused LM head that reads `lm_head.weight` and
+    `lm_head.bias`. PEFT's TrainableTokensWrapper answers `.weight` with the merged (trained) rows but
+    has no `.bias`; give the wrapper its base layer's bias (None for Llama-like heads) as a plain
+    attribute, so the fused head sees the trained rows instead of failing."""
+    head = model.get_output_embeddings()
+    adapter = getattr(head, "token_adapter", None)
+    if head is None or adapter is None or "bias" in vars(head):
+        return
+    base = adapter.get_base_layer() if hasattr(adapter, "get_base_layer") else None
+    object.__setattr__(head, "bias", getattr(base, "bias", None))

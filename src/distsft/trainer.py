@@ -34,6 +34,7 @@ class RunContext:
     writer: Any = None  # metrics.MetricsWriter on rank 0, None elsewhere
     preempted: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
+    mfu: Any = None  # tokens/s -> model FLOPs utilisation (mfu.meter), on CUDA only
 
 
 def _peak_memory_gb(device: torch.device) -> float:
@@ -87,6 +88,8 @@ class DistSFTTrainer(SFTTrainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
             logs.update(self._reduce_window())
+            if self.ctx.mfu is not None and logs.get("tokens_per_second"):
+                logs["mfu"] = self.ctx.mfu(logs["tokens_per_second"])
         # HF counts epochs over the one long "epoch" the step sampler presents; report real epochs.
         self.state.epoch = self.ctx.order.epoch_of(self.state.global_step)
         super().log(logs, start_time)
