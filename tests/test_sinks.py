@@ -111,3 +111,35 @@ def test_wandb_offline_one_run_per_job_and_no_api_key_on_disk(tmp_path, monkeypa
     leaked = [p for p in tmp_path.rglob("*") if p.is_file() and FAKE_KEY.encode() in p.read_bytes()]
     assert leaked == []
     assert os.environ["WANDB_API_KEY"] == FAKE_KEY  # the environment is the key's only home
+
+
+def test_run_name_names_the_tensorboard_subdirectory(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    spec = _spec(tmp_path, run_name="lr3e-4_r16")
+    (sink,) = make_sinks(["tensorboard"], tmp_path, spec)
+    sink.write(RECORDS[0])
+    sink.close()
+    assert [p.name for p in (tmp_path / "tensorboard").iterdir()] == ["lr3e-4_r16"]
+    acc = EventAccumulator(str(tmp_path / "tensorboard" / "lr3e-4_r16"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [(1, 2.5)]
+
+
+def test_wandb_run_name_entity_and_tags(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    spec = _spec(tmp_path, report_to=["wandb"], run_name="sweep-7", wandb_entity="my-team",
+                 wandb_tags=["sft", "lora"])
+    (sink,) = make_sinks(["wandb"], tmp_path, spec)
+    assert sink.run.name == "sweep-7" and sink.run.entity == "my-team"
+    assert set(sink.run.tags) == {"sft", "lora"}
+    sink.write(RECORDS[0])
+    sink.close()
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    blob = b"".join(p.read_bytes() for p in run_dir.rglob("*.wandb"))
+    assert b"sweep-7" in blob and b"my-team" in blob and b"lora" in blob  # what `wandb sync` uploads
+    # Without a run name: the output directory's name, as before.
+    (tmp_path / "x").mkdir()
+    (other,) = make_sinks(["wandb"], tmp_path / "x", _spec(tmp_path / "x", report_to=["wandb"]))
+    assert other.run.name == "x"
+    other.close()
