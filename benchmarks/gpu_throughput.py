@@ -19,6 +19,10 @@ chats.
            with flash attention distsft concatenates the micro-batch padding-free)
 Global batch: --accum (8) micro-batches per GPU per optimizer step, on both sides.
 
+--kernels adds distsft packed runs with `train.torch_compile: true` and, when the liger-kernel package
+imports, `model.use_liger_kernel: true` (and both), and prints distsft's own live `mfu` (metrics.jsonl,
+trainable-aware 6N, see src/distsft/mfu.py) beside each distsft row.
+
 tokens/s/GPU counts real (non-padding) tokens over steps 3..N. MFU = 6 x parameters x tokens/s/GPU /
 peak dense bf16 FLOP/s of the device (attention FLOPs not counted: the usual 6N convention, an
 under-estimate at 4096 tokens). Peak by device name: H100 SXM / H200 989e12, H100 PCIe 756e12,
@@ -69,6 +73,13 @@ def build_model(path: Path) -> int:
         return sum(p.numel() for p in LlamaForCausalLM(cfg).parameters())
 
 
+def _logged_mfu(out: Path) -> float | None:
+    """Mean of distsft's live `mfu` over steps 3..N (absent when the device's peak is unknown)."""
+    import common as C
+    vals = [r["mfu"] for r in C.read_jsonl(out / "metrics.jsonl") if "mfu" in r and r.get("step", 0) >= 3]
+    return sum(vals) / len(vals) if vals else None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gpus", type=int, default=1)
@@ -78,6 +89,7 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, default=None)
     ap.add_argument("--gradient-checkpointing", choices=["on", "off"], default="off")
     ap.add_argument("--work", type=Path, default=Path("/tmp/distsft-bench/gpu"))
+    ap.add_argument("--kernels", action="store_true", help="also distsft packed with torch.compile / Liger")
     a = ap.parse_args()
 
     import torch
@@ -100,6 +112,7 @@ def main() -> None:
     pad_batch = max(1, round(SEQ / mean_tokens))
     env = C.bench_env(DISTSFT_CACHE_DIR=str(work / "distsft-cache"), HF_DATASETS_CACHE=str(work / "hf-cache"))
     rows = []
+    live_mfu: dict[str, float] = {}
     for layout in ("packed", "padded"):
         # distsft
         out = C.fresh(work / f"distsft-{layout}")
@@ -115,6 +128,7 @@ def main() -> None:
         C.check(run, f"distsft {layout}")
         st = C.distsft_steady(C.read_jsonl(out / "metrics.jsonl"), skip=2)
         rows.append(("distsft", layout, st["tokens_per_s"] / a.gpus, st["peak_rss_gb_logged"]))
+        live_mfu[f"distsft {layout}"] = _logged_mfu(out)
         # plain TRL
         out = C.fresh(work / f"trl-{layout}")
         cmd = C.plain_trl_cmd(data=data, output_dir=out, max_steps=a.steps, result=out / "result.json",
@@ -129,14 +143,37 @@ def main() -> None:
         st = C.steady(res["step_tokens"][2:], res["step_times"][1:])
         rows.append(("TRL", layout, st["tokens_per_s"] / a.gpus, None))
 
+    if a.kernels:
+        variants = [("compile", {"train": {"torch_compile": True}})]
+        if importlib.util.find_spec("liger_kernel"):
+            variants += [("liger", {"model": {"use_liger_kernel": True}}),
+                         ("liger+compile", {"model": {"use_liger_kernel": True}, "train": {"torch_compile": True}})]
+        for label, extra in variants:
+            out = C.fresh(work / f"distsft-{label}")
+            merged = {"model": {"name_or_path": str(model_dir), "attn_implementation": attn},
+                      "data": {"packing": True}, "train": {"bf16": True}}
+            for section, values in extra.items():
+                merged[section].update(values)
+            spec = C.write_spec(work / f"distsft-{label}.yaml", data=data, output_dir=out, max_steps=a.steps,
+                                logging_steps=1, max_length=SEQ, per_device=1, global_batch=a.accum * a.gpus,
+                                gradient_checkpointing=a.gradient_checkpointing == "on", extra=merged)
+            run = C.run_logged([str(C.BIN / "distsft"), "run", str(spec), "--gpus", str(a.gpus)], env=env,
+                               rank_pattern="distsft.train_entry", timeout=1800)
+            C.check(run, f"distsft {label}")
+            st = C.distsft_steady(C.read_jsonl(out / "metrics.jsonl"), skip=2)
+            rows.append(("distsft", f"packed, {label}", st["tokens_per_s"] / a.gpus, st["peak_rss_gb_logged"]))
+            live_mfu[f"distsft packed, {label}"] = _logged_mfu(out)
+
     print(f"\n`{C.command_line()}`  ")
     print(f"{a.gpus} x {name}; {C.versions()}; attention {attn}; {params / 1e9:.2f} B parameters; sequence {SEQ}; "
           f"bf16; activation checkpointing {a.gradient_checkpointing}; {a.steps} steps, steady = steps 3..{a.steps}\n")
-    print("| side | layout | real tokens/s/GPU | MFU (6N) | peak GPU memory GB (distsft's log) |")
-    print("|---|---|---|---|---|")
+    print("| side | layout | real tokens/s/GPU | MFU (6N) | distsft's logged mfu | peak GPU memory GB (distsft's log) |")
+    print("|---|---|---|---|---|---|")
     for side, layout, tps, mem in rows:
         mfu = f"{100 * 6 * params * tps / peak:.1f}%" if peak else "? (pass --peak-tflops)"
-        print(f"| {side} | {layout} | {tps:,.0f} | {mfu} | {f'{mem:.1f}' if mem else '-'} |")
+        live = live_mfu.get(f"{side} {layout}")
+        print(f"| {side} | {layout} | {tps:,.0f} | {mfu} | {f'{100 * live:.1f}%' if live else '-'} | "
+              f"{f'{mem:.1f}' if mem else '-'} |")
     by = {(s, l): t for s, l, t, _ in rows}
     for layout in ("packed", "padded"):
         print(f"\ndistsft / TRL ({layout}): {by[('distsft', layout)] / by[('TRL', layout)]:.3f}")
