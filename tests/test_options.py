@@ -189,3 +189,14 @@ def test_kernel_options_reach_sftconfig(tmp_path):
     assert opts["torch_compile"] is True and opts["use_liger_kernel"] is True
     args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", **{**opts, "use_liger_kernel": False})
     assert args.torch_compile and math.isclose(args.adam_beta2, 0.999)
+
+
+def test_resuming_with_another_optimizer_is_refused():
+    from distsft.job import check_resume_compatible
+    from distsft.plan import batch_for
+    spec = _spec({"optim": "adamw_torch", "global_batch_size": 8})
+    marker = {"global_batch_size": 8, "seed": 42, "optim": "adamw_8bit"}
+    with pytest.raises(SpecError, match="train.optim=adamw_8bit"):
+        check_resume_compatible(marker, spec, batch_for(spec))
+    check_resume_compatible({**marker, "optim": "adamw_torch"}, spec, batch_for(spec))
+    check_resume_compatible({"global_batch_size": 8, "seed": 42}, spec, batch_for(spec))  # older checkpoints

@@ -97,7 +97,7 @@ def test_new_special_tokens_train_with_lora_save_and_reload(tmp_path):
     template.write_text(TEMPLATE)
     out = tmp_path / "run"
     spec_file = h.write_spec(tmp_path / "spec.yaml", out)
-    common = [f"data.chat_template={template}", "peft.method=lora", "peft.use_rslora=true"]
+    common = [f"data.chat_template={template}", "peft.method=lora", "peft.use_rslora=true", "peft.use_dora=true"]
     # Without the tokens, the plan names the markers and the key that fixes it.
     plan = h.run("plan", spec_file, "--no-data", *common, check=True)
     assert "<|assistant|>, <|user|>" in plan.stdout and "model.add_special_tokens" in plan.stdout

@@ -121,6 +121,8 @@ def _print_plan(spec: Any, p: Any, mem: dict[str, Any] | None, why: str | None, 
         ("global batch", f"{p.global_batch_size} = {p.per_device_train_batch_size} (micro) × "
                          f"{p.gradient_accumulation_steps} (accum) × {p.world_size} (GPUs)"),
         ("learning rate", f"{p.learning_rate:g} ({spec.train.lr_scheduler_type}, warmup {spec.train.warmup_ratio})"),
+        ("optimizer", f"{spec.train.optim} (betas {spec.train.adam_beta1:g}, {spec.train.adam_beta2:g}; "
+                      f"eps {spec.train.adam_epsilon:g})"),
         ("peft", spec.peft.method),
         ("examples", fmt(p.num_examples)), ("tokens", fmt(p.num_tokens)),
         ("packed rows", fmt(p.num_packed_rows) + (f"  (efficiency {p.packing_efficiency:.2%})"

@@ -191,7 +191,7 @@ def _train(spec: RunSpec, flag: checkpoint.PreemptionFlag) -> int:
                      save_total_limit=spec.checkpoint.save_total_limit, flag=flag, writer=writer,
                      marker_info={"global_batch_size": batch.global_batch_size, "seed": t.seed,
                                   "num_rows": stats["num_rows"], "backend": spec.distributed.backend,
-                                  "zero_stage": spec.distributed.stage})
+                                  "zero_stage": spec.distributed.stage, "optim": t.optim})
 
     from transformers import set_seed
     set_seed(t.seed)  # before the model: LoRA adapters are initialised randomly when they are attached
@@ -279,6 +279,10 @@ def check_resume_compatible(marker: dict[str, Any], spec: RunSpec, batch: Any) -
     if marker.get("seed") != spec.train.seed:
         raise SpecError(f"the checkpoint used train.seed={marker.get('seed')}; resuming with seed "
                         f"{spec.train.seed} would change the data order")
+    if marker.get("optim", spec.train.optim) != spec.train.optim:
+        raise SpecError(f"the checkpoint was trained with train.optim={marker['optim']}; its optimizer state "
+                        f"cannot be loaded into {spec.train.optim}: set train.optim={marker['optim']} "
+                        "or checkpoint.resume=never")
     # A DeepSpeed ZeRO checkpoint from another process count is converted (universal.convert_if_needed).
 
 
