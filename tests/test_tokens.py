@@ -92,3 +92,22 @@ def test_a_peft_name_the_model_lacks_is_a_spec_error(tiny_model_dir):
     spec = _spec(tiny_model_dir, peft={"method": "lora", "target_modules": ["no_such_proj"]})
     with pytest.raises(SpecError, match="peft"):
         model_lib.load_model(spec, "no", "sdpa", torch.device("cpu"))
+
+
+def test_tied_embeddings_train_the_new_rows_once(tiny_model_dir, tmp_path):
+    """A tied head (Qwen2.5-0.5B, Llama-3.2-1B, Gemma...): one trainable-token table serves input and output."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from trl.trainer.utils import add_fused_lm_head
+    cfg = AutoConfig.from_pretrained(tiny_model_dir)
+    cfg.tie_word_embeddings = True
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "tied")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "tied")
+    spec = _spec(tmp_path / "tied", peft={"method": "lora"}, add_special_tokens=NEW)
+    m = model_lib.load_model(spec, "no", "sdpa", torch.device("cpu"))
+    assert m.peft_config["default"].trainable_token_indices == {"embed_tokens": [512, 513]}
+    add_fused_lm_head(m.get_base_model())
+    ids = torch.tensor([[1, 513, 40, 41, 4, 512, 42, 513, 43, 512]])
+    (-m(input_ids=ids, labels=ids, fused_lm_head=True).log_probs.sum()).backward()
+    (delta,) = [p for n, p in m.named_parameters() if "trainable_tokens_delta" in n]
+    assert (delta.grad.abs().sum(1) > 0).all()
