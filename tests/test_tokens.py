@@ -111,3 +111,13 @@ def test_tied_embeddings_train_the_new_rows_once(tiny_model_dir, tmp_path):
     (-m(input_ids=ids, labels=ids, fused_lm_head=True).log_probs.sum()).backward()
     (delta,) = [p for n, p in m.named_parameters() if "trainable_tokens_delta" in n]
     assert (delta.grad.abs().sum(1) > 0).all()
+
+
+def test_marker_shapes():
+    gemma = ("{{ bos_token }}{% for m in messages %}{{ '<start_of_turn>' + m['role'] + '\\n' + m['content'] + "
+             "'<end_of_turn>\\n' }}{% endfor %}")
+    assert tokens.template_markers(gemma) == ["<start_of_turn>", "<end_of_turn>"]
+    deepseek = "{{ '<｜User｜>' + m['content'] + '<｜Assistant｜>' }}"
+    assert tokens.template_markers(deepseek) == ["<｜User｜>", "<｜Assistant｜>"]
+    # Plain-text conventions are not control tokens: [INST] (Mistral v1), <tools> in tool prompts, <s>.
+    assert tokens.template_markers("[INST] {{ x }} [/INST]<tools></tools><s></s>") == []

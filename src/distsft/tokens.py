@@ -14,9 +14,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
-# Marker shapes that chat templates use for control tokens: <|...|> (ChatML, Llama-3, Phi, ...) and the
-# full-width variant <｜...｜> (DeepSeek). Only these: [INST] or <s> may legitimately be plain text.
-_MARKER = re.compile(r"<\|[^|<>\s]{1,64}\|>|<｜[^｜<>\s]{1,64}｜>")
+# Marker shapes that chat templates use for control tokens: <|...|> (ChatML, Llama-3, Phi, ...), the
+# full-width variant <｜...｜> (DeepSeek) and snake_case tags such as <start_of_turn> (Gemma). Not
+# [INST] or <tools>: those may legitimately be plain text (Mistral v1, tool-use system prompts).
+_MARKER = re.compile(r"<\|[^|<>\s]{1,64}\|>|<｜[^｜<>\s]{1,64}｜>|<[A-Za-z]+(?:_[A-Za-z]+)+>")
 KEY = "model.add_special_tokens"
 
 
