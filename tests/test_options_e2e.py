@@ -140,3 +140,14 @@ def test_new_special_tokens_train_with_lora_save_and_reload(tmp_path):
     # The run name: TensorBoard subdirectory and run record.
     assert list((out / "tensorboard" / "tokens-1").glob("events.out.tfevents.*"))
     assert json.loads((out / "run_record.jsonl").read_text().splitlines()[-1])["run_name"] == "tokens-1"
+
+
+def test_liger_on_a_machine_without_cuda_exits_2_before_any_rank(tmp_path):
+    out = tmp_path / "run"
+    spec = h.write_spec(tmp_path / "spec.yaml", out)
+    p = h.run("run", spec, "--gpus", "2", "model.use_liger_kernel=true")
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "model.use_liger_kernel: true needs a CUDA GPU" in p.stderr and "Traceback" not in p.stderr
+    assert "launching" not in p.stdout and not (out / "metrics.jsonl").exists()  # no rank started
+    plan = h.run("plan", spec, "--no-data", "model.use_liger_kernel=true", check=True)  # a login node may plan
+    assert "use_liger_kernel needs CUDA" in plan.stdout

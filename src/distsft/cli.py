@@ -76,6 +76,8 @@ def plan(spec_path: Path = typer.Argument(..., metavar="SPEC"), overrides: Optio
             p = make_plan(spec, stats)
             from .tokens import plan_warnings
             p.warnings += plan_warnings(spec)  # template markers missing from the vocabulary (trl#1668)
+            from .hardware import kernel_warnings
+            p.warnings += kernel_warnings(spec.model.use_liger_kernel)
         except SpecError as exc:
             _fail(str(exc))
             return

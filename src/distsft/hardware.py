@@ -65,3 +65,11 @@ def check_kernels(use_liger_kernel: bool) -> None:
     if importlib.util.find_spec("liger_kernel") is None:
         raise SpecError("model.use_liger_kernel: true needs the liger-kernel package "
                         "(pip install liger-kernel), which is not installed here")
+
+
+def kernel_warnings(use_liger_kernel: bool) -> list[str]:
+    """For `distsft plan`, which may run on a login node without the job's GPUs: a hint, not an error."""
+    if use_liger_kernel and not cuda_info()[0]:
+        return ["model.use_liger_kernel needs CUDA, which this machine lacks: `distsft run` here would exit 2 "
+                "(a job submitted to GPU nodes is fine)"]
+    return []
