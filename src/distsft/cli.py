@@ -110,6 +110,7 @@ def _gb(x: float) -> str:
 
 
 def _print_plan(spec: Any, p: Any, mem: dict[str, Any] | None, why: str | None, plots: list[str]) -> None:
+    from .schedules import final_lr_note
     out = Console()
     t = Table(title=f"distsft plan — {spec.model.name_or_path}", show_header=False, title_justify="left")
     t.add_column(style="bold")
@@ -122,7 +123,8 @@ def _print_plan(spec: Any, p: Any, mem: dict[str, Any] | None, why: str | None, 
          + (" + offload params" if spec.distributed.offload_params else "")),
         ("global batch", f"{p.global_batch_size} = {p.per_device_train_batch_size} (micro) × "
                          f"{p.gradient_accumulation_steps} (accum) × {p.world_size} (GPUs)"),
-        ("learning rate", f"{p.learning_rate:g} ({spec.train.lr_scheduler_type}, warmup {spec.train.warmup_ratio})"),
+        ("learning rate", f"{p.learning_rate:g} ({spec.train.lr_scheduler_type}{final_lr_note(spec.train)}, "
+                          f"warmup {spec.train.warmup_ratio})"),
         ("optimizer", f"{spec.train.optim} (betas {spec.train.adam_beta1:g}, {spec.train.adam_beta2:g}; "
                       f"eps {spec.train.adam_epsilon:g})"),
         ("peft", spec.peft.method),
