@@ -84,8 +84,6 @@ class PeftSpec(_Section):
         return [v] if isinstance(v, str) else v
 
 
-
-
 class TrainSpec(_Section):
     per_device_train_batch_size: int = Field(1, ge=1)
     per_device_eval_batch_size: int | None = Field(None, ge=1)
@@ -122,17 +120,17 @@ class TrainSpec(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> "TrainSpec":
-        from .schedules import MIN_LR_SCHEDULERS
+        from .schedules import DEFAULT_DECAY_RATIO, MIN_LR_SCHEDULERS
         if self.min_lr_ratio is not None and self.lr_scheduler_type not in MIN_LR_SCHEDULERS:
             raise ValueError(f"train.min_lr_ratio applies to lr_scheduler_type {' or '.join(MIN_LR_SCHEDULERS)}, "
                              f"not {self.lr_scheduler_type}")
         if self.decay_ratio is not None and self.lr_scheduler_type != "warmup_stable_decay":
             raise ValueError("train.decay_ratio applies to lr_scheduler_type warmup_stable_decay, "
                              f"not {self.lr_scheduler_type}")
-        if self.lr_scheduler_type == "warmup_stable_decay" and \
-                self.warmup_ratio + (0.1 if self.decay_ratio is None else self.decay_ratio) > 1.0:
-            raise ValueError(f"train.warmup_ratio ({self.warmup_ratio}) + train.decay_ratio "
-                             f"({self.decay_ratio}) exceed 1: nothing is left of the training to decay")
+        decay = DEFAULT_DECAY_RATIO if self.decay_ratio is None else self.decay_ratio
+        if self.lr_scheduler_type == "warmup_stable_decay" and self.warmup_ratio + decay > 1.0:
+            raise ValueError(f"train.warmup_ratio ({self.warmup_ratio}) + train.decay_ratio ({decay}) "
+                             "exceed 1: warmup and decay would overlap")
         if self.gradient_accumulation_steps is not None and self.global_batch_size is not None:
             raise ValueError(
                 "set at most one of train.gradient_accumulation_steps and train.global_batch_size "
