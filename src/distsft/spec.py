@@ -48,8 +48,15 @@ class ModelSpec(_Section):
 class DataSpec(_Section):
     train_files: list[str] = Field(min_length=1)
     eval_files: list[str] = Field(default_factory=list)
-    format: Literal["messages", "instruction"] = "messages"
+    format: Literal["messages", "sharegpt", "instruction", "prompt_completion", "text"] = "messages"
+    # all: every assistant turn as the final render shows it; last: only the final one;
+    # split: one example per assistant turn, rendered as the last turn (keeps its reasoning).
+    assistant_turns: Literal["all", "last", "split"] = "all"
     messages_column: str = "messages"
+    conversations_column: str = "conversations"
+    prompt_column: str = "prompt"
+    completion_column: str = "completion"
+    text_column: str = "text"
     instruction_column: str = "instruction"
     input_column: str = "input"
     output_column: str = "output"

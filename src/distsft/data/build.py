@@ -18,9 +18,10 @@ import numpy as np
 
 from distsft.data.cache import cache_key, default_cache_root, load_cached, remember, split_files
 from distsft.data.examples import Encoder
-from distsft.data.formats import _conversation
+from distsft.data.formats import _conversation, required_columns
 from distsft.data.packing import pack_bfd
 from distsft.data.sources import _iter_source
+from distsft.dist import warn
 from distsft.spec import SpecError
 
 _CHUNK = 8192  # conversations tokenized per batch: bounds the memory of the Encoding objects
@@ -36,8 +37,7 @@ def _load(files: list[str], fmt: str, spec: Any, limit: int | None = None) -> tu
     files = [files] if isinstance(files, (str, Path)) else files
     if fmt != spec.format:
         spec = spec.model_copy(update={"format": fmt})
-    columns = ([spec.messages_column] if fmt == "messages"
-               else [spec.instruction_column, spec.output_column])
+    columns = required_columns(spec)
     pairs = []
     for name in files:
         for pair in _iter_source(str(name), columns):
@@ -68,6 +68,8 @@ def _tokenize_arrays(pairs: list, tokenizer: Any, spec: Any) -> tuple[dict, dict
     ids = np.concatenate([p.input_ids for p in parts])
     labels = np.concatenate([p.labels for p in parts])
     lens = np.concatenate([p.lengths for p in parts])
+    for msg in sorted(set().union(*(p.warnings for p in parts))):
+        warn(msg)
     return _apply_overlong(ids, labels, lens, spec)
 
 

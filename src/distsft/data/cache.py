@@ -22,13 +22,14 @@ from typing import Any
 
 from distsft.spec import SpecError
 
-DATA_FORMAT_VERSION = 1  # bump when the cached layout or the labelling rules change
+DATA_FORMAT_VERSION = 2  # bump when the cached layout or the labelling rules change
 INDEX_DIR = "index"
 # Everything in a model directory can shape the tokenizer (tokenizer*.json, *.model, vocab, merges,
 # chat templates, config.json's model_type, remote code) except the weights, which are large.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
 _SETTINGS = ("format", "messages_column", "instruction_column", "input_column", "output_column",
-             "system_prompt", "max_length", "packing", "overlong")
+             "system_prompt", "max_length", "packing", "overlong", "assistant_turns", "conversations_column",
+             "prompt_column", "completion_column", "text_column")
 
 
 def _data(spec: Any) -> Any:
@@ -71,9 +72,9 @@ def _digest(obj: Any, n: int = 20) -> str:
 
 
 def cache_key(spec: Any, tokenizer: Any, split: str) -> str:
-    from distsft.data.chat import resolve_chat_template
+    from distsft.data.chat import chat_template_or_none
     from distsft.data.encode import tokenizer_fingerprint
-    template = resolve_chat_template(tokenizer, _data(spec).chat_template)
+    template = chat_template_or_none(tokenizer, _data(spec).chat_template) or ""  # none: the encoder says so
     blob = {**_inputs(spec, split), "tokenizer": tokenizer_fingerprint(tokenizer),
             "chat_template": hashlib.sha256(template.encode()).hexdigest()}
     return f"{split}-{_digest(blob)}"

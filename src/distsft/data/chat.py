@@ -1,32 +1,58 @@
-"""Chat template rendering and assistant-span location (character spans; tokens come in encode.py).
+"""Chat template rendering and exact assistant spans (character spans; tokens come in encode.py).
 
-The loss mask is computed on characters, not on template markers: for assistant turn i, the text the
-model must produce is what `render(messages[:i+1])` adds after `render(messages[:i],
-add_generation_prompt=True)` -- the content plus whatever the template writes after it (<|im_end|>,
-<|eot_id|>, </s>, ...), but not the generation-prompt header. That works for any template, with or
-without `{% generation %}` markers. Tokens are then labelled by their character offsets.
+An assistant turn's span is the text the model must produce for it in the *final* rendered
+conversation: its content (and reasoning / tool calls, where the template renders them), plus the
+end-of-turn text the template writes after it (`<|im_end|>\\n`, `<|eot_id|>`, `</s>`, ...), never the
+generation-prompt header and never another turn's text. Three ways to find it, all exact:
+
+1. `{% generation %}` markers in the template: the spans transformers' tracker records (exact by
+   construction, what `apply_chat_template(return_assistant_tokens_mask=True)` uses).
+2. Prefix difference, when the template is prefix-stable for this turn: what
+   `render(messages[:i+1])` adds after `render(messages[:i], add_generation_prompt=True)`.
+3. Differential rendering otherwise (Qwen3 dropping earlier think blocks, Mistral moving the system
+   message into the last user turn, Phi-3.5's final EOS): render the whole conversation again with
+   turn i's content, reasoning and tool-call names replaced by unique sentinels; the stretch where
+   the two renders differ is turn i's text in the final render. It is accepted only when it equals
+   the variant's stretch with each sentinel put back (modulo the template's stripping), each
+   sentinel appearing exactly once. Then it is extended over the text the template writes around
+   the content when the turn is the last one (Mistral's space before the answer, the end-of-turn).
+
+Anything else raises `TemplateMismatch` (the caller turns it into exit 2): no silent guess.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from distsft.spec import SpecError
 
+GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # as transformers aliases them
+
 
 class TemplateMismatch(Exception):
-    """The template rewrites an assistant message so that it cannot be found in the rendered text."""
+    """An assistant turn's span cannot be located unambiguously in the rendered conversation."""
+
+
+@dataclass
+class Span:
+    index: int                 # the assistant message's index in the conversation
+    start: int                 # [start, end) in the rendered text
+    end: int
+    reasoning_dropped: bool = False  # the turn has reasoning that the template did not render here
 
 
 def tokenizer_name(tokenizer: Any) -> str:
     return getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
 
 
-def resolve_chat_template(tokenizer: Any, override: str | None) -> str:
-    """`data.chat_template` (a Jinja string or a path to a .jinja file) or the tokenizer's own template."""
+def chat_template_or_none(tokenizer: Any, override: str | None) -> str | None:
+    """`data.chat_template` (a Jinja string, a path to a .jinja file or a named variant) or the
+    tokenizer's own template; None when there is none."""
     template = getattr(tokenizer, "chat_template", None)
     if override:
         if isinstance(template, dict) and override in template:  # a named variant, e.g. "tool_use"
@@ -36,6 +62,11 @@ def resolve_chat_template(tokenizer: Any, override: str | None) -> str:
         return override
     if isinstance(template, dict):  # named variants: the default one is what apply_chat_template uses
         template = template.get("default")
+    return template or None
+
+
+def resolve_chat_template(tokenizer: Any, override: str | None) -> str:
+    template = chat_template_or_none(tokenizer, override)
     if not template:
         raise SpecError(f"tokenizer {tokenizer_name(tokenizer)} has no chat template; set data.chat_template "
                         "(a Jinja template string or a path to a .jinja file)")
@@ -59,7 +90,58 @@ def _compile(template: str) -> Any:
                                             extensions=["jinja2.ext.loopcontrols"])
         env.filters["tojson"] = lambda x, **k: json.dumps(x, ensure_ascii=False, **k)
         env.globals["raise_exception"] = raise_exception
-        return env.from_string(template.replace("{% generation %}", "").replace("{% endgeneration %}", ""))
+        return env.from_string(GENERATION_TAG.sub("", template).replace("{% endgeneration %}", ""))
+
+
+def _lcp(a: str, b: str, limit: int) -> int:
+    """Length of the common prefix of a and b (at most `limit`), by bisection on C-speed slices."""
+    lo, hi = 0, limit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _lcs(a: str, b: str, limit: int) -> int:
+    lo, hi = 0, limit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[len(a) - mid:] == b[len(b) - mid:]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _diff(a: str, b: str) -> tuple[int, int]:
+    """(common prefix length, common suffix length) of a and b, not overlapping."""
+    p = _lcp(a, b, min(len(a), len(b)))
+    return p, _lcs(a, b, min(len(a), len(b)) - p)
+
+
+def visible_content(content: str) -> list[str]:
+    """What a template may render of a content string: itself, or (templates that split out an
+    inline think block, like DeepSeek-R1's) the part after `</think>`; both modulo stripping."""
+    out = [content.strip()]
+    if "</think>" in content:
+        out.append(content.split("</think>")[-1].strip())
+    return out
+
+
+def reasoning_of(msg: dict) -> str | None:
+    return next((msg[k] for k in REASONING_FIELDS if isinstance(msg.get(k), str) and msg[k].strip()), None)
+
+
+def _tool_names(msg: dict) -> list[str]:
+    names = []
+    for tc in msg.get("tool_calls") or ():
+        fn = tc.get("function", tc) if isinstance(tc, dict) else None
+        if isinstance(fn, dict) and isinstance(fn.get("name"), str):
+            names.append(fn["name"])
+    return names
 
 
 class ChatRenderer:
@@ -68,6 +150,8 @@ class ChatRenderer:
     def __init__(self, tokenizer: Any, template: str):
         self.template = template
         self._compiled = _compile(template)
+        self.has_markers = bool(GENERATION_TAG.search(template))
+        self.reads_reasoning = any(f in template for f in REASONING_FIELDS)
         # apply_chat_template passes the special tokens (bos_token, eos_token, ...) as template variables.
         self._kwargs = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
         added = [t for t in (tokenizer.get_added_vocab() if hasattr(tokenizer, "get_added_vocab") else {})
@@ -77,68 +161,246 @@ class ChatRenderer:
         self._ends_added = re.compile(rf"(?:{alt})\s*\Z") if added else None
         self._next_added = re.compile(rf"\s*(?:{alt})") if added else None
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        return self._compiled.render(messages=messages, tools=None, documents=None,
-                                     add_generation_prompt=add_generation_prompt, **self._kwargs)
+    # ------------------------------------------------------------------ rendering
 
-    def _try(self, messages: list[dict], add_generation_prompt: bool) -> str | None:
+    def _args(self, tools: Any, extra: dict | None) -> dict:
+        return {**self._kwargs, **(extra or {}), "tools": tools, "documents": None}
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False, tools: Any = None,
+               extra: dict | None = None) -> str:
+        return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                     **self._args(tools, extra))
+
+    def render_marked(self, messages: list[dict], tools: Any = None, extra: dict | None = None
+                      ) -> tuple[str, list[tuple[int, int]]]:
+        """The rendered text and the character spans of its `{% generation %}` blocks."""
+        blocks: list[str] = []
+        indices: list[tuple[int, int]] = []
+        with self._compiled.environment.activate_tracker(blocks, indices):
+            for block in self._compiled.generate(messages=messages, add_generation_prompt=False,
+                                                 **self._args(tools, extra)):
+                blocks.append(block)
+        return "".join(blocks), indices
+
+    def _try(self, messages: list[dict], add_generation_prompt: bool, tools: Any, extra: dict | None
+             ) -> str | None:
+        if not messages:
+            return None
         try:
-            return self.render(messages, add_generation_prompt)
+            return self.render(messages, add_generation_prompt, tools, extra)
         except Exception:  # a template may refuse a prefix (e.g. "must end with a user turn")
             return None
 
-    def assistant_spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-        """The rendered conversation and the [start, end) character span of each assistant turn."""
-        full = self.render(messages)
-        spans: list[tuple[int, int]] = []
-        cursor = 0
-        last = len(messages) - 1
-        for i, msg in enumerate(messages):
-            if msg["role"] != "assistant":
-                continue
-            pre = self._try(messages[:i], True)
-            thru = full if i == last else self._try(messages[: i + 1], False)
-            if (pre is not None and thru is not None and cursor <= len(pre) < len(thru)
-                    and full.startswith(thru) and thru.startswith(pre)):
-                span = (len(pre), len(thru))  # the usual, prefix-preserving case
-            else:
-                span = self._search_span(full, msg["content"], pre, thru, cursor, i)
-            # Templates that expect list-of-parts content (VLMs) silently render nothing for a string.
-            tail = msg["content"].strip()[-32:]
-            if tail not in full[span[0]:span[1]]:
-                raise TemplateMismatch(f"assistant message {i} does not appear in the rendered chat")
-            if self._added and not self._ends_added.search(full, max(span[0], span[1] - 64), span[1]):
-                # No end-of-turn token after the answer (GLM-4): the model stops by emitting the next
-                # header token (<|user|>), so that token is the target to learn.
-                if m := self._next_added.match(full, span[1]):
-                    span = (span[0], m.end())
-            spans.append(span)
-            cursor = span[1]
+    # ------------------------------------------------------------------ spans
+
+    def assistant_spans(self, messages: list[dict], tools: Any = None, extra: dict | None = None,
+                        turns: list[int] | None = None, method: str = "auto") -> tuple[str, list[Span]]:
+        """The rendered conversation and the span of each assistant turn in `turns` (default: all).
+
+        `method`: "auto" (markers if the template has them, else prefix difference where exact,
+        else differential rendering), or "diff" to force differential rendering (cross-checks)."""
+        want = [i for i, m in enumerate(messages) if m["role"] == "assistant" and (turns is None or i in turns)]
+        if self.has_markers and method == "auto":
+            return self._marked_spans(messages, tools, extra, want)
+        full = self.render(messages, False, tools, extra)
+        spans = []
+        for i in want:
+            span = self._prefix_span(full, messages, i, tools, extra) if method == "auto" else None
+            spans.append(span or self._diff_span(full, messages, i, tools, extra))
         return full, spans
 
-    def _search_span(self, full: str, content: str, pre: str | None, thru: str | None, cursor: int,
-                     i: int) -> tuple[int, int]:
-        """Fallback for templates that render a turn differently when it is not the last one (Qwen3
-        drops the empty think block, gpt-oss ends it with <|end|> instead of <|return|>): find the
-        content after `cursor`, start at the generation prompt when that is still a prefix, and
-        extend over the end-of-turn text the template writes after it."""
-        for needle in (content, content.strip()):
-            k = full.find(needle, cursor) if needle else -1
-            if k >= 0:
+    def _marked_spans(self, messages: list[dict], tools: Any, extra: dict | None, want: list[int]
+                      ) -> tuple[str, list[Span]]:
+        full, indices = self.render_marked(messages, tools, extra)
+        merged: list[list[int]] = []
+        for s, e in indices:  # a turn written in several touching blocks is one span
+            if merged and s == merged[-1][1]:
+                merged[-1][1] = e
+            else:
+                merged.append([s, e])
+        assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        if len(merged) != len(assistants):
+            raise TemplateMismatch(f"the template's {{% generation %}} blocks ({len(merged)}) do not match the "
+                                   f"conversation's {len(assistants)} assistant turns")
+        by_turn = dict(zip(assistants, merged))
+        out = []
+        for i in want:
+            s, e = by_turn[i]
+            r = reasoning_of(messages[i])
+            out.append(Span(i, s, e, bool(r) and r.strip() not in full[s:e]))
+        return full, out
+
+    def _prefix_span(self, full: str, messages: list[dict], i: int, tools: Any, extra: dict | None
+                     ) -> Span | None:
+        """The span when the conversation up to turn i renders as a prefix of the whole (exact then)."""
+        pre = self._try(messages[:i], True, tools, extra)
+        thru = full if i == len(messages) - 1 else self._try(messages[: i + 1], False, tools, extra)
+        if not (pre is not None and thru is not None and len(pre) < len(thru)
+                and full.startswith(thru) and thru.startswith(pre)):
+            return None
+        s, e = len(pre), len(thru)
+        text, msg = full[s:e], messages[i]
+        content = msg.get("content")
+        if isinstance(content, str) and content.strip() and not any(v in text for v in visible_content(content)):
+            return None  # e.g. a template that renders list-of-parts content only: let the checks decide
+        if any(n not in text for n in _tool_names(msg)):
+            return None
+        r = reasoning_of(msg)
+        return self._close(full, Span(i, s, e, bool(r) and r.strip() not in text))
+
+    def _close(self, full: str, span: Span) -> Span:
+        if self._added and not self._ends_added.search(full, max(span.start, span.end - 64), span.end):
+            # No end-of-turn token after the answer (GLM-4): the model stops by emitting the next
+            # header token (<|user|>), so that token is the target to learn.
+            if m := self._next_added.match(full, span.end):
+                span.end = m.end()
+        return span
+
+    def _variant(self, messages: list[dict], i: int, taken: str) -> tuple[list[dict], list[tuple[str, str, str]]]:
+        """Messages with turn i's content, reasoning and tool-call names replaced by sentinels, and
+        the (kind, sentinel, original) triples."""
+        a, b = next((x, y) for x, y in (("\ue000", "\ue001"), ("\U000f0000", "\U000f0001"), ("\x1e", "\x1f"))
+                    if x not in taken and y not in taken)
+        msg = dict(messages[i])
+        sentinels = []
+        content = msg.get("content")
+        if isinstance(content, str) and content.strip():
+            sentinels.append(("content", f"{a}C{b}", content))
+            msg["content"] = f"{a}C{b}"
+        r = reasoning_of(msg)
+        if r is not None:
+            sentinels.append(("reasoning", f"{a}R{b}", r))
+            for k in REASONING_FIELDS:
+                if k in msg:
+                    msg[k] = f"{a}R{b}"
+        if msg.get("tool_calls"):
+            calls = []
+            for k, tc in enumerate(msg["tool_calls"]):
+                tc = dict(tc)
+                holder = "function" if isinstance(tc.get("function"), dict) else None
+                fn = dict(tc[holder]) if holder else tc
+                if isinstance(fn.get("name"), str):
+                    sentinels.append(("name", f"{a}N{k}{b}", fn["name"]))
+                    fn["name"] = f"{a}N{k}{b}"
+                if holder:
+                    tc[holder] = fn
+                calls.append(tc)
+            msg["tool_calls"] = calls
+        out = list(messages)
+        out[i] = msg
+        return out, sentinels
+
+    def _diff_span(self, full: str, messages: list[dict], i: int, tools: Any, extra: dict | None) -> Span:
+        variant, sentinels = self._variant(messages, i, full)
+        if not sentinels:
+            raise TemplateMismatch(f"assistant turn {i} has no content, reasoning or tool calls to locate")
+        try:
+            v = self.render(variant, False, tools, extra)
+        except Exception as exc:
+            raise TemplateMismatch(f"the template cannot render assistant turn {i} with its content replaced "
+                                   f"({type(exc).__name__}: {exc})") from None
+        p, s = _diff(full, v)
+        region, vregion = full[p:len(full) - s], v[p:len(v) - s]
+        dropped = self._verify(region, vregion, v, sentinels, i)
+        # The text the template writes around the content when this turn is the last one: the part
+        # after it (end-of-turn) as far as the final render agrees, the part before it (after the
+        # generation prompt, e.g. Mistral's space) where the final render has it.
+        last = i == len(messages) - 1
+        thru = full if last else self._try(messages[: i + 1], False, tools, extra)
+        tail = ""
+        if thru is not None:
+            try:
+                ts = s if last else _diff(thru, self.render(variant[: i + 1], False, tools, extra))[1]
+            except Exception:
+                ts = 0
+            tail = thru[len(thru) - ts:]
+        start = p - self._lead_len(full, p, self._lead(messages, variant, i, tools, extra))
+        end = len(full) - s
+        return self._close(full, Span(i, start, end + self._tail_len(full, end, tail), dropped))
+
+    def _lead(self, messages: list[dict], variant: list[dict], i: int, tools: Any, extra: dict | None) -> str:
+        """What the template writes between the generation prompt and turn i's content, measured on
+        the shortest conversation ending at turn i that renders prefix-stably: itself, without its
+        system message (Mistral moves it), or only the user turn before it."""
+        probes = [list(range(i + 1))]
+        if any(messages[k]["role"] == "system" for k in range(i)):
+            probes.append([k for k in range(i + 1) if messages[k]["role"] != "system"])
+        users = [k for k in range(i) if messages[k]["role"] == "user"]
+        if users:
+            probes.append([users[-1], i])
+        for idx in probes:
+            msgs = [messages[k] for k in idx]
+            pre = self._try(msgs[:-1], True, tools, extra)
+            thru = self._try(msgs, False, tools, extra)
+            if pre is None or thru is None or not thru.startswith(pre):
+                continue
+            v = self._try([variant[k] for k in idx], False, tools, extra)
+            if v is None:
+                continue
+            tp = _diff(thru, v)[0]
+            if tp >= len(pre):
+                return thru[len(pre):tp]
+        return ""
+
+    def _lead_len(self, full: str, p: int, lead: str) -> int:
+        """How far the span extends before the content: all of `lead` when the final render has it,
+        else the part of it from a special token on (Qwen3 drops the think block of a history turn
+        but keeps `<tool_call>`), else nothing (never the header's own newline)."""
+        if not lead:
+            return 0
+        n = _lcs(full[:p], lead, min(p, len(lead)))
+        if n == len(lead) or not self._added:
+            return n if n == len(lead) else 0
+        m = self._added.search(lead, len(lead) - n)
+        return len(lead) - m.start() if m else 0
+
+    @staticmethod
+    def _verify(region: str, vregion: str, v: str, sentinels: list[tuple[str, str, str]], i: int) -> bool:
+        """Check that `region` is `vregion` with the sentinels put back; True when reasoning was dropped."""
+        dropped = False
+        present = []
+        for kind, sent, original in sentinels:
+            n = v.count(sent)
+            if kind == "reasoning" and n == 0:
+                dropped = True
+                continue
+            if n == 0:
+                raise TemplateMismatch(f"the template does not render the {kind} of assistant turn {i}")
+            if n > 1 or sent not in vregion:
+                raise TemplateMismatch(f"the template renders the {kind} of assistant turn {i} {n} times")
+            present.append((kind, sent, original))
+        if not present:
+            raise TemplateMismatch(f"the template renders nothing of assistant turn {i}")
+        pattern = re.compile("|".join(re.escape(s) for _, s, _ in present))
+        regex = "".join(re.escape(part) if k % 2 == 0 else "(.*?)" for k, part in enumerate(_split(vregion, pattern)))
+        m = re.fullmatch(regex, region, re.S)
+        order = [next(x for x in present if x[1] == tok) for tok in pattern.findall(vregion)]
+        if m is None:
+            raise TemplateMismatch(f"assistant turn {i} renders differently around its content than its "
+                                   "sentinel does, so its span is ambiguous")
+        for (kind, _, original), got in zip(order, m.groups()):
+            ok = (got == original if kind == "name" else got.strip() == original.strip() if kind == "reasoning"
+                  else got.strip() in visible_content(original))
+            if not ok:
+                raise TemplateMismatch(f"the {kind} of assistant turn {i} is rendered as {got[:60]!r}, "
+                                       f"not as given ({original[:60]!r})")
+        return dropped
+
+    def _tail_len(self, full: str, end: int, tail: str) -> int:
+        n = _lcp(full[end:end + len(tail)], tail, min(len(tail), len(full) - end)) if tail else 0
+        for m in self._added.finditer(tail) if self._added else ():
+            if m.start() < n < m.end():  # never stop inside a special token
+                n = m.start()
                 break
-        else:
-            raise TemplateMismatch(f"assistant message {i} does not appear verbatim in the rendered chat")
-        start = len(pre) if pre is not None and cursor <= len(pre) <= k and full.startswith(pre) else k
-        end = k + len(needle)
-        n = 0
-        if thru is not None and (j := thru.rfind(needle)) >= 0:
-            tail = thru[j + len(needle):]  # what follows the content when this turn is the last one
-            while n < len(tail) and end + n < len(full) and full[end + n] == tail[n]:
-                n += 1
-            for m in self._added.finditer(tail) if self._added else ():
-                if m.start() < n < m.end():  # never stop inside a special token
-                    n = m.start()
-                    break
         if n == 0 and self._added and (m := self._added.match(full, end)):
             n = m.end() - end  # nothing in common: the turn's own end-of-turn token
-        return start, end + n
+        return n
+
+
+def _split(text: str, pattern: re.Pattern) -> list[str]:
+    """text split at the sentinels: literal, sentinel, literal, ... (sentinels at odd positions)."""
+    out, pos = [], 0
+    for m in pattern.finditer(text):
+        out += [text[pos:m.start()], m.group()]
+        pos = m.end()
+    return out + [text[pos:]]

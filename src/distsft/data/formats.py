@@ -1,19 +1,45 @@
-"""Records to conversations: each data format's columns become a validated list of messages."""
+"""Records to conversations: each `data.format`'s columns become a validated list of messages.
+
+Formats: `messages` (default: a list of {role, content, ...}), `sharegpt` (`conversations` of
+{from, value}), `instruction` (instruction/input/output), `prompt_completion` (TRL's `prompt` and
+`completion`, each a string or a list of messages) and `text` (one `text` column, loss on every token).
+Messages may carry `reasoning_content`, `tool_calls`, `tool_call_id`, `name` and `"loss": false`;
+rows may carry `tools` and `chat_template_kwargs`, passed to the template as TRL passes them.
+"""
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass, field
 from typing import Any
 
 from distsft.spec import SpecError
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system", "tool": "tool", "function_response": "tool", "observation": "tool"}
+# The names apply_chat_template itself binds; a row's chat_template_kwargs must not shadow them.
+_RESERVED_KWARGS = ("messages", "tools", "documents", "add_generation_prompt")
+
+
+@dataclass
+class Conversation:
+    """What one record renders: messages (with `loss` flags), row-level tools and template kwargs.
+    `plain` is set instead for the template-free formats: (text, loss_start)."""
+    messages: list[dict] = field(default_factory=list)
+    tools: list | None = None
+    kwargs: dict = field(default_factory=dict)
+    plain: tuple[str, int] | None = None
 
 
 def _hint(rec: dict, spec: Any) -> str:
-    if spec.format == "messages" and spec.instruction_column in rec and spec.output_column in rec:
-        return " (this looks like instruction data: set data.format: instruction)"
-    if spec.format == "instruction" and spec.messages_column in rec:
-        return " (this looks like chat data: set data.format: messages)"
+    guess = [("instruction", spec.instruction_column in rec and spec.output_column in rec),
+             ("messages", spec.messages_column in rec), ("sharegpt", spec.conversations_column in rec),
+             ("prompt_completion", spec.prompt_column in rec and spec.completion_column in rec),
+             ("text", spec.text_column in rec)]
+    for fmt, ok in guess:
+        if ok and fmt != spec.format:
+            return f" (this looks like {fmt} data: set data.format: {fmt})"
     return ""
 
 
@@ -26,38 +52,166 @@ def _need(rec: Any, col: str, key: str, where: str, spec: Any) -> Any:
     return rec[col]
 
 
+def required_columns(spec: Any) -> list[str]:
+    """The columns a tabular source must have for `data.format`."""
+    return {"messages": [spec.messages_column], "sharegpt": [spec.conversations_column],
+            "instruction": [spec.instruction_column, spec.output_column],
+            "prompt_completion": [spec.prompt_column, spec.completion_column],
+            "text": [spec.text_column]}[spec.format]
+
+
+def _message(m: Any, j: int, where: str) -> dict:
+    if not isinstance(m, dict) or "role" not in m:
+        raise SpecError(f"{where}: message {j} must be an object with 'role' and 'content'")
+    # As apply_chat_template does: keys whose value is None are absent (Arrow fills missing struct keys
+    # with None).
+    m = {k: v for k, v in m.items() if v is not None}
+    role = m["role"]
+    if role not in ROLES:
+        raise SpecError(f"{where}: message {j} has role {role!r}; roles must be one of {', '.join(ROLES)}")
+    calls = m.get("tool_calls")
+    if calls is not None and (role != "assistant" or not isinstance(calls, list)
+                              or not all(isinstance(c, dict) for c in calls)):
+        raise SpecError(f"{where}: message {j}: tool_calls must be a list of objects on an assistant message")
+    if calls == []:
+        del m["tool_calls"]
+        calls = None
+    content = m.get("content")
+    if content is None and not calls:
+        raise SpecError(f"{where}: message {j} must be an object with 'role' and 'content'")
+    if content is not None and not isinstance(content, str):
+        raise SpecError(f"{where}: message {j} ({role}) content must be a string, got {type(content).__name__}")
+    if "loss" in m and not isinstance(m["loss"], bool):
+        raise SpecError(f"{where}: message {j}: 'loss' must be true or false, got {m['loss']!r}")
+    if "loss" in m and role != "assistant":
+        raise SpecError(f"{where}: message {j}: 'loss' applies to assistant messages only ({role} turns never "
+                        "carry loss)")
+    reasoning = next((m[k] for k in ("reasoning_content", "thinking", "reasoning") if k in m), None)
+    if reasoning is not None and not isinstance(reasoning, str):
+        raise SpecError(f"{where}: message {j}: reasoning_content must be a string")
+    if role == "assistant" and not (content or "").strip() and not calls and not (reasoning or "").strip():
+        raise SpecError(f"{where}: message {j} is an empty assistant turn")
+    if reasoning is not None:
+        # transformers passes reasoning under all its names (gpt-oss templates read `thinking`).
+        m = {"thinking": reasoning, **m, "reasoning_content": reasoning}
+    return m
+
+
+def _messages(raw: Any, where: str, col: str) -> list[dict]:
+    if not isinstance(raw, list) or not raw:
+        raise SpecError(f"{where}: {col!r} must be a non-empty list of messages")
+    return [_message(m, j, where) for j, m in enumerate(raw)]
+
+
+def _sharegpt(raw: Any, where: str, col: str) -> list[dict]:
+    if not isinstance(raw, list) or not raw:
+        raise SpecError(f"{where}: {col!r} must be a non-empty list of {{from, value}} turns")
+    out = []
+    for j, t in enumerate(raw):
+        if not isinstance(t, dict) or "from" not in t or "value" not in t:
+            raise SpecError(f"{where}: turn {j} of {col!r} must be an object with 'from' and 'value'")
+        role = SHAREGPT_ROLES.get(t["from"])
+        if role is None:
+            raise SpecError(f"{where}: turn {j} has from={t['from']!r}; expected one of "
+                            f"{', '.join(sorted(SHAREGPT_ROLES))}")
+        m = {k: v for k, v in t.items() if k not in ("from", "value")}
+        out.append({"role": role, "content": t["value"], **m})
+    return _messages(out, where, col)
+
+
+def _string(v: Any, col: str, where: str) -> str:
+    if not isinstance(v, str):
+        raise SpecError(f"{where}: column {col!r} must be a string, got {type(v).__name__}")
+    return v
+
+
+def _row_extras(rec: dict, where: str) -> tuple[list | None, dict]:
+    tools = rec.get("tools")
+    if isinstance(tools, str):  # TRL accepts tools as a JSON string (Arrow cannot hold free-form schemas)
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError:
+            raise SpecError(f"{where}: 'tools' is a string but not valid JSON") from None
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise SpecError(f"{where}: 'tools' must be a list of JSON schemas (objects)")
+    kwargs = rec.get("chat_template_kwargs") or {}
+    if isinstance(kwargs, str):
+        try:
+            kwargs = json.loads(kwargs)
+        except json.JSONDecodeError:
+            raise SpecError(f"{where}: 'chat_template_kwargs' is a string but not valid JSON") from None
+    if not isinstance(kwargs, dict):
+        raise SpecError(f"{where}: 'chat_template_kwargs' must be an object, e.g. {{\"enable_thinking\": false}}")
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if bad := [k for k in kwargs if k in _RESERVED_KWARGS]:
+        raise SpecError(f"{where}: chat_template_kwargs may not set {', '.join(bad)}")
+    return tools or None, kwargs
+
+
+def to_conversation(rec: Any, where: str, spec: Any, eos: str | None = None) -> Conversation:
+    """One record as a Conversation; `eos` is appended to template-free text as TRL does."""
+    fmt = spec.format
+    if fmt == "text":
+        text = _string(_need(rec, spec.text_column, "text_column", where, spec), spec.text_column, where)
+        if not text.strip():
+            raise SpecError(f"{where}: empty {spec.text_column!r}; nothing to train on")
+        if eos and not text.endswith(eos):
+            text += eos
+        return Conversation(plain=(text, 0))
+    if fmt == "prompt_completion":
+        prompt = _need(rec, spec.prompt_column, "prompt_column", where, spec)
+        completion = _need(rec, spec.completion_column, "completion_column", where, spec)
+        if isinstance(prompt, str) and isinstance(completion, str):
+            if not completion.strip():
+                raise SpecError(f"{where}: empty {spec.completion_column!r}; nothing to train on")
+            # No chat template for plain strings, as TRL: prompt + completion (+ EOS), loss on the completion.
+            text = prompt + completion
+            if eos and not text.endswith(eos):
+                text += eos
+            return Conversation(plain=(text, len(prompt)))
+        if not (isinstance(prompt, list) and isinstance(completion, list)):
+            raise SpecError(f"{where}: {spec.prompt_column!r} and {spec.completion_column!r} must both be strings "
+                            "or both be lists of messages")
+        head = _messages(prompt, where, spec.prompt_column)
+        tail = _messages(completion, where, spec.completion_column)
+        # Loss on the completion only: assistant turns of the prompt are context.
+        msgs = [{**m, "loss": False} if m["role"] == "assistant" else m for m in head] + tail
+        tools, kwargs = _row_extras(rec, where)
+        return _finish(Conversation(msgs, tools, kwargs), where, spec)
+    tools, kwargs = _row_extras(rec, where) if isinstance(rec, dict) else (None, {})
+    return _finish(Conversation(_conversation(rec, where, spec), tools, kwargs), where, spec)
+
+
+def _finish(conv: Conversation, where: str, spec: Any) -> Conversation:
+    if not any(m["role"] == "assistant" for m in conv.messages):
+        raise SpecError(f"{where}: conversation has no assistant turn; nothing to train on")
+    if spec.system_prompt and not any(m["role"] == "system" for m in conv.messages):
+        conv.messages.insert(0, {"role": "system", "content": spec.system_prompt})
+    return conv
+
+
 def _conversation(rec: Any, where: str, spec: Any) -> list[dict]:
+    """The validated messages of a chat-shaped record (messages, sharegpt or instruction)."""
     if spec.format == "instruction":
         inst = _need(rec, spec.instruction_column, "instruction_column", where, spec)
         out = _need(rec, spec.output_column, "output_column", where, spec)
         inp = rec.get(spec.input_column) or ""
         for col, v in ((spec.instruction_column, inst), (spec.output_column, out), (spec.input_column, inp)):
-            if not isinstance(v, str):
-                raise SpecError(f"{where}: column {col!r} must be a string, got {type(v).__name__}")
+            _string(v, col, where)
         if not out.strip():
             raise SpecError(f"{where}: empty {spec.output_column!r} (the assistant turn); nothing to train on")
         user = inst + ("\n\n" + inp if inp.strip() else "")
         msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": out}]
-    else:
-        raw = _need(rec, spec.messages_column, "messages_column", where, spec)
-        if not isinstance(raw, list) or not raw:
-            raise SpecError(f"{where}: {spec.messages_column!r} must be a non-empty list of messages")
-        msgs = []
-        for j, m in enumerate(raw):
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise SpecError(f"{where}: message {j} must be an object with 'role' and 'content'")
-            role, content = m["role"], m["content"]
-            if role not in ROLES:
-                raise SpecError(f"{where}: message {j} has role {role!r}; roles must be one of "
-                                f"{', '.join(ROLES)}")
-            if not isinstance(content, str):
-                raise SpecError(f"{where}: message {j} ({role}) content must be a string, "
-                                f"got {type(content).__name__}")
-            if role == "assistant" and not content.strip():
-                raise SpecError(f"{where}: message {j} is an empty assistant turn")
-            msgs.append({"role": role, "content": content})
-        if not any(m["role"] == "assistant" for m in msgs):
-            raise SpecError(f"{where}: conversation has no assistant turn; nothing to train on")
+    elif spec.format == "sharegpt":
+        msgs = _sharegpt(_need(rec, spec.conversations_column, "conversations_column", where, spec), where,
+                         spec.conversations_column)
+    elif spec.format in ("messages", "prompt_completion", "text"):
+        msgs = _messages(_need(rec, spec.messages_column, "messages_column", where, spec), where,
+                         spec.messages_column)
+    else:  # pragma: no cover - the spec's Literal keeps this out
+        raise SpecError(f"unknown data.format {spec.format!r}")
+    if not any(m["role"] == "assistant" for m in msgs):
+        raise SpecError(f"{where}: conversation has no assistant turn; nothing to train on")
     if spec.system_prompt and not any(m["role"] == "system" for m in msgs):
         msgs.insert(0, {"role": "system", "content": spec.system_prompt})
     return msgs

@@ -1,0 +1,113 @@
+"""Loss masks on the real chat templates of 10 model families, token for token against an
+independent reference: the same template with `{% generation %}` markers inserted by hand, through
+transformers' `apply_chat_template(return_assistant_tokens_mask=True)`.
+
+Each case checks three of distsft's methods against that reference: the marker path (the marked
+copy as data.chat_template), the automatic path on the original template (prefix difference where
+the template is prefix-stable, differential rendering elsewhere) and differential rendering forced
+on every turn."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from distsft.data.encode import label_mask
+from distsft.data.examples import Encoder
+from distsft.spec import DataSpec, SpecError
+
+from real_templates import CONVERSATIONS, TEMPLATES, cases, record, template_path, tokenizer
+
+
+def reference(name: str, rec: dict) -> tuple[list[int], list[int]] | None:
+    """transformers' ids and assistant mask with the marked template; None if the template refuses."""
+    tok = tokenizer(name)
+    msgs = [{k: v for k, v in m.items() if k != "loss"} for m in rec["messages"]]
+    try:
+        out = tok.apply_chat_template(msgs, chat_template=template_path(name, marked=True).read_text(),
+                                      tools=rec.get("tools"), tokenize=True, return_dict=True,
+                                      return_assistant_tokens_mask=True, **rec.get("chat_template_kwargs", {}))
+    except Exception as exc:  # e.g. Gemma: "System role not supported"
+        if "TemplateError" in type(exc).__name__:
+            return None
+        raise
+    return list(out["input_ids"]), list(out["assistant_masks"])
+
+
+def ours(name: str, rec: dict, marked: bool, method: str = "auto") -> tuple[list[int], list[int]]:
+    """distsft's ids and mask (through the per-chunk Encoder, or with spans located by `method`)."""
+    tok = tokenizer(name)
+    enc = Encoder(tok, DataSpec(train_files=["x.jsonl"], chat_template=str(template_path(name, marked))))
+    if method == "auto":
+        out = enc([("x.jsonl:1", rec)])
+        ids, labels = out.input_ids.tolist(), out.labels.tolist()
+        text = enc.render("x.jsonl:1", rec)[0].text
+    else:
+        (r,) = enc.render("x.jsonl:1", rec, method=method)
+        ids_a, starts, ends, lens = enc.enc.encode([r.text], [r.spans])
+        sp = np.array(r.spans, dtype=np.int64).reshape(-1, 2)
+        mask = label_mask(starts, ends, lens, np.array([len(r.text)]), sp[:, 0], sp[:, 1], np.array([len(sp)]))
+        ids, labels, text = ids_a.tolist(), np.where(mask, ids_a, -100).tolist(), r.text
+    raw = enc.renderer.render([{k: v for k, v in m.items() if k != "loss"} for m in rec["messages"]],
+                              tools=rec.get("tools"))
+    if text != raw:  # distsft prepends the BOS a tokenizer adds by default when the template writes none
+        assert text == tok.bos_token + raw and ids[0] == tok.bos_token_id and labels[0] == -100
+        ids, labels = ids[1:], labels[1:]
+    return ids, [int(x != -100) for x in labels]
+
+
+@pytest.mark.parametrize("name,conv", cases())
+def test_mask_equals_generation_marker_reference(name: str, conv: str) -> None:
+    rec = record(conv)
+    ref = reference(name, rec)
+    if ref is None:  # the template itself refuses the conversation: so does distsft, with exit 2
+        with pytest.raises(SpecError, match="x.jsonl:1: the chat template failed"):
+            ours(name, rec, marked=False)
+        return
+    ref_ids, ref_mask = ref
+    assert sum(ref_mask) > 0
+    for marked, method in ((True, "auto"), (False, "auto"), (False, "diff")):
+        ids, mask = ours(name, rec, marked, method)
+        assert ids == ref_ids, (marked, method)
+        if mask != ref_mask:
+            tok = tokenizer(name)
+            got = tok.decode([i for i, m in zip(ids, mask) if m])
+            want = tok.decode([i for i, m in zip(ids, ref_mask) if m])
+            pytest.fail(f"{name}/{conv} marked={marked} method={method}: labelled {got!r}, reference {want!r}")
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_marked_copies_render_like_the_originals(name: str) -> None:
+    """The reference is only as good as the marked copy: it must render byte-identically."""
+    from distsft.data.chat import ChatRenderer
+    tok = tokenizer(name)
+    plain = ChatRenderer(tok, template_path(name).read_text())
+    marked = ChatRenderer(tok, template_path(name, marked=True).read_text())
+    rendered = 0
+    for conv in {c for t, c in cases() if t == name}:
+        rec = record(conv)
+        msgs = rec["messages"]
+        for k in range(1, len(msgs) + 1):
+            for gen in (False, True):
+                try:
+                    want = plain.render(msgs[:k], gen, rec.get("tools"))
+                except Exception:
+                    with pytest.raises(Exception):
+                        marked.render(msgs[:k], gen, rec.get("tools"))
+                    continue
+                assert marked.render(msgs[:k], gen, rec.get("tools")) == want
+                rendered += 1
+    assert rendered > 0
+
+
+def test_answer_inside_the_prompt_is_not_labelled_there() -> None:
+    """The issue's cases, on the templates that broke: the label is the answer, not its copy in the prompt."""
+    for name in ("mistral-7b-instruct-v0.3", "phi-3.5-mini-instruct", "qwen3-0.6b"):
+        tok = tokenizer(name)
+        enc = Encoder(tok, DataSpec(train_files=["x"], chat_template=str(template_path(name))))
+        for conv in ("three_turns_system", "two_turns"):
+            (r,) = enc.render("x:1", CONVERSATIONS[conv])
+            for (s, e), turn in zip(r.spans, r.turns):
+                # the labelled span holds the answer, and no copy of it ends after the span's answer
+                k = r.text.rfind(turn["content"].strip(), 0, e)
+                assert k >= s, (name, conv, r.text[s:e])
