@@ -108,6 +108,8 @@ REASONING = {
     "reasoning_history": {"messages": [
         u("Which is a fruit? A) car B) apple"), a("B", reasoning_content="Apple is a fruit, so B."),
         u("And which is a vehicle?"), a("A", reasoning_content="A car is a vehicle: A.")]},
+    "no_thinking": {"chat_template_kwargs": {"enable_thinking": False}, "messages": [
+        u("Which is a fruit? A) car B) apple"), a("B"), u("A vehicle?"), a("A")]},
     "think_in_content": {"messages": [
         u("2+2?"), a("<think>\nadd them\n</think>\n\n4"), u("3+3?"), a("<think>\nagain\n</think>\n\n6")]},
 }

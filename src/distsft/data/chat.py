@@ -135,6 +135,15 @@ def reasoning_of(msg: dict) -> str | None:
     return next((msg[k] for k in REASONING_FIELDS if isinstance(msg.get(k), str) and msg[k].strip()), None)
 
 
+def _dropped(msg: dict, text: str) -> bool:
+    """Whether the turn's reasoning (a field, or a think block inline in its content) is not in `text`."""
+    r = reasoning_of(msg)
+    content = msg.get("content")
+    if r is None and isinstance(content, str) and "<think>" in content and "</think>" in content:
+        r = content.split("</think>")[0].split("<think>")[-1]
+    return bool(r and r.strip()) and r.strip() not in text
+
+
 def _tool_names(msg: dict) -> list[str]:
     names = []
     for tc in msg.get("tool_calls") or ():
@@ -226,8 +235,7 @@ class ChatRenderer:
         out = []
         for i in want:
             s, e = by_turn[i]
-            r = reasoning_of(messages[i])
-            out.append(Span(i, s, e, bool(r) and r.strip() not in full[s:e]))
+            out.append(Span(i, s, e, _dropped(messages[i], full[s:e])))
         return full, out
 
     def _prefix_span(self, full: str, messages: list[dict], i: int, tools: Any, extra: dict | None
@@ -245,8 +253,7 @@ class ChatRenderer:
             return None  # e.g. a template that renders list-of-parts content only: let the checks decide
         if any(n not in text for n in _tool_names(msg)):
             return None
-        r = reasoning_of(msg)
-        return self._close(full, Span(i, s, e, bool(r) and r.strip() not in text))
+        return self._close(full, Span(i, s, e, _dropped(msg, text)))
 
     def _close(self, full: str, span: Span) -> Span:
         if self._added and not self._ends_added.search(full, max(span.start, span.end - 64), span.end):
@@ -384,6 +391,8 @@ class ChatRenderer:
             if not ok:
                 raise TemplateMismatch(f"the {kind} of assistant turn {i} is rendered as {got[:60]!r}, "
                                        f"not as given ({original[:60]!r})")
+            if kind == "content" and got.strip() != original.strip():
+                dropped = True  # the template cut an inline think block out of the content
         return dropped
 
     def _tail_len(self, full: str, end: int, tail: str) -> int:

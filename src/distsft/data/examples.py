@@ -114,11 +114,10 @@ class Encoder:
             except Exception as exc:
                 raise SpecError(f"{where}: the chat template failed on this conversation ({self.template_name}): "
                                 f"{type(exc).__name__}: {exc}") from None
-            if warnings is not None:
-                for sp in spans:
-                    if sp.reasoning_dropped:
-                        warnings.add(REASONING_HISTORY if self.spec.assistant_turns == "all"
-                                     and sp.index != len(msgs) - 1 else REASONING_NEVER)
+            if warnings is not None and any(sp.reasoning_dropped for sp in spans):
+                # Dropped from the last turn too: the template never renders it, and split cannot help.
+                never = any(sp.reasoning_dropped and sp.index == len(msgs) - 1 for sp in spans)
+                warnings.add(REASONING_NEVER if never or self.spec.assistant_turns != "all" else REASONING_HISTORY)
             text, shift = self.enc.add_bos(text)
             out.append(Rendered(text, [(s.start + shift, s.end + shift) for s in spans],
                                 [clean[s.index] for s in spans]))
