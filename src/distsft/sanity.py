@@ -1,7 +1,7 @@
 """`distsft sanity SPEC`: a 10–20 step dress rehearsal on a small subset before a long job.
 
-Checks, each printed as PASS / WARN / FAIL: the loss masking (decoded examples with the loss-carrying
-tokens marked), that training runs (no out-of-memory), that the loss falls, and that generation works.
+Checks, each printed as PASS / WARN / FAIL: the loss masking (the first examples' rendered text with
+the loss-carrying spans marked; each span must end where its turn's answer ends), that training runs (no out-of-memory), that the loss falls, and that generation works.
 Exit 0 when nothing FAILs, 1 otherwise.
 """
 
@@ -22,42 +22,26 @@ SUBSET = 400
 console = Console(highlight=False)
 
 
-def _mark(tokenizer: Any, ids: list[int], labels: list[int]) -> str:
-    """Decoded text with the tokens that carry loss shown in green [[like this]]."""
-    parts, in_loss = [], False
-    for tok, lab in zip(ids, labels):
-        carries = lab != -100
-        if carries != in_loss:
-            parts.append("[bold green][[" if carries else "]][/]")
-            in_loss = carries
-        parts.append(escape(tokenizer.decode([tok])))
-    if in_loss:
-        parts.append("]][/]")
-    return "".join(parts)
-
-
 def check_masking(spec: RunSpec, n: int = 3) -> tuple[list[tuple[str, str]], dict[str, Any]]:
-    """Decoded examples with their loss tokens marked, the verdicts, and the data stats."""
+    """The first examples rendered with their loss-carrying text marked [[like this]], the verdicts
+    (data.inspect: each labelled span holds its turn's answer and ends where it ends, and a second way
+    of locating the spans agrees), and the data stats."""
     from . import data, model as model_lib
+    from .data.build import _load
+    from .data.cache import split_files
+    from .data.inspect import check_records
     from .job import cache_root
     tok = model_lib.load_tokenizer(spec)
     ds, stats = data.prepare(spec, tok, "train", cache_root(spec))
-    results = []
-    shown = 0
-    for row in ds.select(range(min(len(ds), n))):
-        start = 0
-        for length in row["seq_lengths"][:1]:  # the first example of each packed row
-            ids, labels = row["input_ids"][start:start + length], row["labels"][start:start + length]
-            console.print(f"[dim]example {shown + 1}:[/] " + _mark(tok, ids, labels))
-            shown += 1
-            loss = sum(1 for x in labels if x != -100)
-            if loss == 0:
-                results.append(("FAIL", f"example {shown} has no token carrying loss"))
-            elif loss == len(labels):
-                results.append(("FAIL", f"example {shown}: every token carries loss (masking is off)"))
+    pairs, d = _load(split_files(spec, "train"), spec.data.format, spec.data, limit=n)
+
+    results = check_records(tok, d, pairs, show=lambda t: console.print(escape(t), highlight=False))
     share = stats["num_loss_tokens"] / max(1, stats["num_tokens"])
-    if not results:
-        results.append(("PASS", f"assistant-only loss: {share:.0%} of {stats['num_tokens']:,} tokens carry loss"))
+    if share >= 1.0 and spec.data.format != "text":
+        results.append(("FAIL", "every token carries loss (masking is off)"))
+    if not any(v == "FAIL" for v, _ in results):
+        results.append(("PASS", f"loss masking: {share:.0%} of {stats['num_tokens']:,} tokens carry loss; each "
+                                "labelled span ends where its turn's answer ends"))
     return results, stats
 
 

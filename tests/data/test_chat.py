@@ -104,3 +104,35 @@ def test_template_that_does_not_render_the_answer_is_refused(tmp_path) -> None:
     enc = Encoder(tokenizer("qwen3-0.6b"), DataSpec(train_files=["x.jsonl"], chat_template=str(path)))
     with pytest.raises(SpecError, match=r"d.jsonl:2: the template does not render the content of assistant turn 1"):
         enc([("d.jsonl:2", {"messages": [u("q"), a("B"), u("r"), a("C")]})])
+
+
+def test_sanity_mask_check_passes_exact_spans_and_fails_the_first_copy_bug(monkeypatch) -> None:
+    """distsft sanity's check: it passes the real spans, and fails spans that label the answer's
+    first copy (the old `full.find(content)` fallback: the "B" of "Bob")."""
+    from distsft.data import chat, inspect
+    name = "qwen3-0.6b"
+    spec = DataSpec(train_files=["x.jsonl"], chat_template=str(template_path(name)))
+    rec = {"messages": [{"role": "system", "content": "You are Bob."}, u("Pick: A) car B) apple"), a("B"),
+                        u("Again?"), a("B")]}
+    shown: list[str] = []
+    assert inspect.check_records(tokenizer(name), spec, [("x.jsonl:1", rec)], show=shown.append) == []
+    assert "[[B<|im_end|>\n]]" in shown[0]
+
+    exact = chat.ChatRenderer.assistant_spans
+
+    def first_copy(self, messages, tools=None, extra=None, turns=None, method="auto"):
+        if method != "auto":  # the cross-check's own method stays exact
+            return exact(self, messages, tools, extra, turns, method)
+        full = self.render(messages, False, tools, extra)
+        spans, cursor = [], 0
+        for i, m in enumerate(messages):
+            if m["role"] == "assistant":
+                k = full.find(m["content"], cursor)
+                spans.append(chat.Span(i, k, k + len(m["content"])))
+                cursor = k + len(m["content"])
+        return full, spans
+
+    monkeypatch.setattr(chat.ChatRenderer, "assistant_spans", first_copy)
+    verdicts = inspect.check_records(tokenizer(name), spec, [("x.jsonl:1", rec)], show=shown.append)
+    assert verdicts and all(v == "FAIL" for v, _ in verdicts), verdicts
+    assert "does not end where its turn's answer ends" in verdicts[0][1]
