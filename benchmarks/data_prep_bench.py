@@ -62,8 +62,9 @@ def unpack(ds) -> list:
 
 def run_ours(convs: list, max_length: int) -> dict:
     from transformers import AutoTokenizer
-    from distsft.data import build
+    import importlib
     from distsft.spec import DataSpec
+    build = importlib.import_module("distsft.data.build")  # the module (distsft.data.build is also a function)
     tok = AutoTokenizer.from_pretrained(TINY)
     spec = DataSpec(train_files=["-"], max_length=max_length, packing=True)
     pairs = [(f"row {i}", {"messages": c}) for i, c in enumerate(convs)]
