@@ -100,7 +100,7 @@ class Encoder:
         chat = self._chat()
         out = []
         for msgs, turns in self.units(conv, where):
-            clean = [{k: v for k, v in m.items() if k != "loss"} for m in msgs]
+            clean = [{k: v for k, v in m.items() if k != "loss"} if "loss" in m else m for m in msgs]
             if chat.reads_reasoning:
                 clean = [split_think(m) for m in clean]
             try:
