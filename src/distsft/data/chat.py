@@ -9,7 +9,7 @@ generation-prompt header and never another turn's text. Three ways to find it, a
    construction, what `apply_chat_template(return_assistant_tokens_mask=True)` uses).
 2. Prefix difference, when the template is prefix-stable for this turn: what
    `render(messages[:i+1])` adds after `render(messages[:i], add_generation_prompt=True)`.
-3. Differential rendering otherwise (Qwen3 dropping earlier think blocks, Mistral moving the system
+3. Differential rendering otherwise (chatdiff.py; Qwen3 dropping earlier think blocks, Mistral moving the system
    message into the last user turn, Phi-3.5's final EOS): render the whole conversation again with
    turn i's content, reasoning and tool-call names replaced by unique sentinels; the stretch where
    the two renders differ is turn i's text in the final render. It is accepted only when it equals
@@ -32,9 +32,6 @@ from distsft.spec import SpecError
 
 GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # as transformers aliases them
-
-
-_KINDS = {"content": "content", "reasoning": "reasoning", "name": "tool calls"}
 
 
 class TemplateMismatch(Exception):
@@ -127,35 +124,6 @@ def _has_delims(messages: list[dict], tools: Any) -> bool:
             elif k != "role" and any(d in str(v) for d in "\ue010\ue011"):
                 return True
     return tools is not None and any(d in str(tools) for d in "\ue010\ue011")
-
-
-def _lcp(a: str, b: str, limit: int) -> int:
-    """Length of the common prefix of a and b (at most `limit`), by bisection on C-speed slices."""
-    lo, hi = 0, limit
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
-
-
-def _lcs(a: str, b: str, limit: int) -> int:
-    lo, hi = 0, limit
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if a[len(a) - mid:] == b[len(b) - mid:]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
-
-
-def _diff(a: str, b: str) -> tuple[int, int]:
-    """(common prefix length, common suffix length) of a and b, not overlapping."""
-    p = _lcp(a, b, min(len(a), len(b)))
-    return p, _lcs(a, b, min(len(a), len(b)) - p)
 
 
 def visible_content(content: str) -> list[str]:
@@ -259,11 +227,12 @@ class ChatRenderer:
         want = [i for i, m in enumerate(messages) if m["role"] == "assistant" and (turns is None or i in turns)]
         if self.has_markers and method == "auto":
             return self._marked_spans(messages, tools, extra, want)
+        from distsft.data.chatdiff import diff_span  # it builds on this module
         full = self.render(messages, False, tools, extra)
         spans = []
         for i in want:
             span = self._prefix_span(full, messages, i, tools, extra) if method == "auto" else None
-            spans.append(span or self._diff_span(full, messages, i, tools, extra))
+            spans.append(span or diff_span(self, full, messages, i, tools, extra))
         return full, spans
 
     def _marked_spans(self, messages: list[dict], tools: Any, extra: dict | None, want: list[int]
@@ -301,9 +270,9 @@ class ChatRenderer:
             return None  # e.g. a template that renders list-of-parts content only: let the checks decide
         if any(n not in text for n in _tool_names(msg)):
             return None
-        return self._close(full, Span(i, s, e, _dropped(msg, text)))
+        return self.close(full, Span(i, s, e, _dropped(msg, text)))
 
-    def _close(self, full: str, span: Span) -> Span:
+    def close(self, full: str, span: Span) -> Span:
         if self._added and not self._ends_added.search(full, max(span.start, span.end - 64), span.end):
             # No end-of-turn token after the answer (GLM-4): the model stops by emitting the next
             # header token (<|user|>), so that token is the target to learn.
@@ -311,165 +280,3 @@ class ChatRenderer:
                 span.end = m.end()
         return span
 
-    def _variant(self, messages: list[dict], i: int, taken: str) -> tuple[list[dict], list[tuple[str, str, str]]]:
-        """Messages with turn i's content, reasoning and tool-call names replaced by sentinels, and
-        the (kind, sentinel, original) triples."""
-        a, b = next((x, y) for x, y in (("\ue000", "\ue001"), ("\U000f0000", "\U000f0001"), ("\x1e", "\x1f"))
-                    if x not in taken and y not in taken)
-        msg = dict(messages[i])
-        sentinels = []
-        content = msg.get("content")
-        if isinstance(content, str) and content.strip():
-            sentinels.append(("content", f"{a}C{b}", content))
-            msg["content"] = f"{a}C{b}"
-        r = reasoning_of(msg)
-        if r is not None:
-            sentinels.append(("reasoning", f"{a}R{b}", r))
-            for k in REASONING_FIELDS:
-                if k in msg:
-                    msg[k] = f"{a}R{b}"
-        if msg.get("tool_calls"):
-            calls = []
-            for k, tc in enumerate(msg["tool_calls"]):
-                tc = dict(tc)
-                holder = "function" if isinstance(tc.get("function"), dict) else None
-                fn = dict(tc[holder]) if holder else tc
-                if isinstance(fn.get("name"), str):
-                    sentinels.append(("name", f"{a}N{k}{b}", fn["name"]))
-                    fn["name"] = f"{a}N{k}{b}"
-                if holder:
-                    tc[holder] = fn
-                calls.append(tc)
-            msg["tool_calls"] = calls
-        out = list(messages)
-        out[i] = msg
-        return out, sentinels
-
-    def _diff_span(self, full: str, messages: list[dict], i: int, tools: Any, extra: dict | None) -> Span:
-        variant, sentinels = self._variant(messages, i, full)
-        if not sentinels:
-            raise TemplateMismatch(f"assistant turn {i} has no content, reasoning or tool calls to locate")
-        try:
-            v = self.render(variant, False, tools, extra)
-        except Exception as exc:
-            raise TemplateMismatch(f"the template cannot render assistant turn {i} with its content replaced "
-                                   f"({type(exc).__name__}: {exc})") from None
-        p, s = _diff(full, v)
-        region, vregion = full[p:len(full) - s], v[p:len(v) - s]
-        dropped = self._verify(region, vregion, v, sentinels, i)
-        # The text the template writes around the content when this turn is the last one: the part
-        # after it (end-of-turn) as far as the final render agrees, the part before it (after the
-        # generation prompt, e.g. Mistral's space) where the final render has it.
-        last = i == len(messages) - 1
-        thru = full if last else self._try(messages[: i + 1], False, tools, extra)
-        tail = ""
-        if thru is not None:
-            try:
-                ts = s if last else _diff(thru, self.render(variant[: i + 1], False, tools, extra))[1]
-            except Exception:
-                ts = 0
-            tail = thru[len(thru) - ts:]
-        if dropped:  # measure the lead on the turn as the final render shows it: without its reasoning
-            messages, variant = ([*m[:i], {k: x for k, x in m[i].items() if k not in REASONING_FIELDS}, *m[i + 1:]]
-                                 for m in (messages, variant))
-        start = p - self._lead_len(full, p, self._lead(messages, variant, i, tools, extra))
-        end = len(full) - s
-        return self._close(full, Span(i, start, end + self._tail_len(full, end, tail), dropped))
-
-    def _lead(self, messages: list[dict], variant: list[dict], i: int, tools: Any, extra: dict | None) -> str:
-        """What the template writes between the generation prompt and turn i's content, measured on
-        the shortest conversation ending at turn i that renders prefix-stably: itself, without its
-        system message (Mistral moves it), or only the user turn before it."""
-        probes = [list(range(i + 1))]
-        if any(messages[k]["role"] == "system" for k in range(i)):
-            probes.append([k for k in range(i + 1) if messages[k]["role"] != "system"])
-        users = [k for k in range(i) if messages[k]["role"] == "user"]
-        if users:
-            probes.append([users[-1], i])
-        for idx in probes:
-            msgs = [messages[k] for k in idx]
-            pre = self._try(msgs[:-1], True, tools, extra)
-            thru = self._try(msgs, False, tools, extra)
-            if pre is None or thru is None:
-                continue
-            start = len(pre) if thru.startswith(pre) else None
-            if start is None:
-                # The turn departs from the generation prompt inside it (Nemotron: the prompt opens a
-                # think block that the rendered turn writes empty): the lead starts where they part.
-                # Parting earlier (Mistral's system message) is no lead at all.
-                bare = self._try(msgs[:-1], False, tools, extra)
-                start = _lcp(pre, thru, min(len(pre), len(thru)))
-                if bare is None or not pre.startswith(bare) or start < len(bare):
-                    continue
-            v = self._try([variant[k] for k in idx], False, tools, extra)
-            if v is None:
-                continue
-            tp = _diff(thru, v)[0]
-            if tp >= start:
-                return thru[start:tp]
-        return ""
-
-    def _lead_len(self, full: str, p: int, lead: str) -> int:
-        """How far the span extends before the content: all of `lead` when the final render has it,
-        else the part of it from a special token on (Qwen3 drops the think block of a history turn
-        but keeps `<tool_call>`), else nothing (never the header's own newline)."""
-        if not lead:
-            return 0
-        n = _lcs(full[:p], lead, min(p, len(lead)))
-        if n == len(lead) or not self._added:
-            return n if n == len(lead) else 0
-        m = self._added.search(lead, len(lead) - n)
-        return len(lead) - m.start() if m else 0
-
-    @staticmethod
-    def _verify(region: str, vregion: str, v: str, sentinels: list[tuple[str, str, str]], i: int) -> bool:
-        """Check that `region` is `vregion` with the sentinels put back; True when reasoning was dropped."""
-        dropped = False
-        present = []
-        for kind, sent, original in sentinels:
-            n = v.count(sent)
-            if kind == "reasoning" and n == 0:
-                dropped = True
-                continue
-            if n == 0:
-                raise TemplateMismatch(f"the template does not render the {_KINDS[kind]} of assistant turn {i}")
-            if n > 1 or sent not in vregion:
-                raise TemplateMismatch(f"the template renders the {_KINDS[kind]} of assistant turn {i} {n} times")
-            present.append((kind, sent, original))
-        if not present:
-            raise TemplateMismatch(f"the template renders nothing of assistant turn {i}")
-        pattern = re.compile("|".join(re.escape(s) for _, s, _ in present))
-        regex = "".join(re.escape(part) if k % 2 == 0 else "(.*?)" for k, part in enumerate(_split(vregion, pattern)))
-        m = re.fullmatch(regex, region, re.S)
-        order = [next(x for x in present if x[1] == tok) for tok in pattern.findall(vregion)]
-        if m is None:
-            raise TemplateMismatch(f"assistant turn {i} renders differently around its content than its "
-                                   "sentinel does, so its span is ambiguous")
-        for (kind, _, original), got in zip(order, m.groups()):
-            ok = (got == original if kind == "name" else got.strip() == original.strip() if kind == "reasoning"
-                  else got.strip() in visible_content(original))
-            if not ok:
-                raise TemplateMismatch(f"the {kind} of assistant turn {i} is rendered as {got[:60]!r}, "
-                                       f"not as given ({original[:60]!r})")
-            if kind == "content" and got.strip() != original.strip():
-                dropped = True  # the template cut an inline think block out of the content
-        return dropped
-
-    def _tail_len(self, full: str, end: int, tail: str) -> int:
-        n = _lcp(full[end:end + len(tail)], tail, min(len(tail), len(full) - end)) if tail else 0
-        for m in self._added.finditer(tail) if self._added else ():
-            if m.start() < n < m.end():  # never stop inside a special token
-                n = m.start()
-                break
-        if n == 0 and self._added and (m := self._added.match(full, end)):
-            n = m.end() - end  # nothing in common: the turn's own end-of-turn token
-        return n
-
-
-def _split(text: str, pattern: re.Pattern) -> list[str]:
-    """text split at the sentinels: literal, sentinel, literal, ... (sentinels at odd positions)."""
-    out, pos = [], 0
-    for m in pattern.finditer(text):
-        out += [text[pos:m.start()], m.group()]
-        pos = m.end()
-    return out + [text[pos:]]
