@@ -40,7 +40,7 @@ def check_masking(spec: RunSpec, n: int = 3) -> tuple[list[tuple[str, str]], dic
     if share >= 1.0 and spec.data.format != "text":
         results.append(("FAIL", "every token carries loss (masking is off)"))
     if not any(v == "FAIL" for v, _ in results):
-        results.append(("PASS", f"loss masking: {share:.0%} of {stats['num_tokens']:,} tokens carry loss; each "
+        results.append(("PASS", f"assistant-only loss: {share:.0%} of {stats['num_tokens']:,} tokens carry loss; each "
                                 "labelled span ends where its turn's answer ends"))
     return results, stats
 
