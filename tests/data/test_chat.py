@@ -136,3 +136,17 @@ def test_sanity_mask_check_passes_exact_spans_and_fails_the_first_copy_bug(monke
     verdicts = inspect.check_records(tokenizer(name), spec, [("x.jsonl:1", rec)], show=shown.append)
     assert verdicts and all(v == "FAIL" for v, _ in verdicts), verdicts
     assert "does not end where its turn's answer ends" in verdicts[0][1]
+
+
+def test_refusal_is_exit_2_before_training(tmp_path) -> None:
+    import helpers as h
+    (tmp_path / "echo.jinja").write_text(ECHO)
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"messages": [u("Say B"), a("B")]}) + "\n")
+    spec = h.write_spec(tmp_path / "spec.yaml", tmp_path / "out").read_text()
+    spec = spec.replace(f"train_files: {h.TRAIN}", f"train_files: {data}\n  chat_template: {tmp_path / 'echo.jinja'}")
+    (tmp_path / "spec.yaml").write_text(spec.replace(f"  eval_files: {h.EVAL}\n", ""))
+    p = h.run("run", tmp_path / "spec.yaml", "--gpus", "1")
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert f"{data}:1: the template renders the content of assistant turn 1 2 times" in p.stderr
+    assert "Traceback" not in p.stderr and not (tmp_path / "out" / "metrics.jsonl").exists()
