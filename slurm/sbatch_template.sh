@@ -16,34 +16,41 @@
 #SBATCH --signal=B:USR2@120
 #SBATCH --requeue                  # allow `scontrol requeue` (below) and requeue after node failure
 
-RUN_DIR=runs/my-run                # EDIT: folder holding run.yaml; checkpoints go there, resume: auto finds them
+RUN_DIR=${RUN_DIR:-runs/my-run}    # EDIT: folder holding run.yaml; checkpoints go there, resume: auto finds them
 GPUS=${SLURM_GPUS_ON_NODE:-8}      # EDIT the fallback to match --gpus-per-node
 MAX_REQUEUES=3                     # give up after this many time-limit requeues
 
 # The first node of the allocation hosts the rendezvous; every node resolves it by name.
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-# A port derived from the job id: two jobs sharing a node do not collide, a requeued job keeps it.
-MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
+# A port derived from the job id: two jobs sharing a node do not collide, a requeued job keeps it. It
+# stays below the ephemeral range (32768+). This shell runs on the first node, which hosts the
+# rendezvous: a port already listening there is skipped (said in the log) instead of failing later.
+MASTER_PORT=$((20000 + SLURM_JOB_ID % 12000))
+while (exec 3<>"/dev/tcp/127.0.0.1/$MASTER_PORT") 2>/dev/null; do
+    echo "port $MASTER_PORT is in use on $(hostname); trying $((MASTER_PORT + 1))"
+    MASTER_PORT=$((MASTER_PORT + 1))
+done
 export MASTER_ADDR MASTER_PORT GPUS RUN_DIR
 echo "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: $SLURM_NNODES nodes x $GPUS GPUs, master $MASTER_ADDR:$MASTER_PORT"
 
-# On USR2: TERM to every process of the training step (torchrun and its workers, not this shell);
-# torchrun stops its workers and exits. (Killing srun instead would SIGKILL them after KillWait.)
+# On USR2: USR2 to the training step. Each node's torchrun_task.sh forwards it to the workers (torchrun's
+# agent ignores it), which save one checkpoint at the same step and exit; torchrun then exits. (TERM to
+# torchrun would give the workers 30 s; killing srun would SIGKILL them after KillWait.)
 # Then requeue: the job keeps its id and resumes from the latest checkpoint in RUN_DIR.
 requeue=0
 # shellcheck disable=SC2317  # invoked by the trap
 on_usr2() {
+    ((requeue)) && return
     echo "USR2: time limit near, stopping training to requeue"
     requeue=1
-    scancel --signal=TERM "$SLURM_JOB_ID"
+    scancel --signal=USR2 "$SLURM_JOB_ID"
 }
 trap on_usr2 USR2
 
-# Single quotes: SLURM_NODEID differs per node, so it must be expanded by the task, not by this shell.
-# shellcheck disable=SC2016
-srun --kill-on-bad-exit=1 bash -c 'exec torchrun --nnodes "$SLURM_NNODES" --node_rank "$SLURM_NODEID" \
+# torchrun_task.sh adds --node_rank from the task's own SLURM_NODEID.
+srun --kill-on-bad-exit=1 bash slurm/torchrun_task.sh --nnodes "$SLURM_NNODES" \
     --nproc_per_node "$GPUS" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
-    launch/train.py "$RUN_DIR/run.yaml"' &
+    launch/train.py "$RUN_DIR/run.yaml" &
 SRUN_PID=$!
 # Running srun in the background lets the trap fire at once; a trap interrupts `wait`, so wait again
 # until srun has really exited.

@@ -75,7 +75,6 @@ def test_steps_and_warmup():
     assert steps(1000, 64, 0.5, -1) == (15, 8)   # fractional epochs round up
     assert steps(1000, 64, 0.01, -1) == (15, 1)  # never zero steps
     assert steps(1000, 64, 3.0, 7) == (15, 7)    # max_steps wins
-    assert steps(10, 64, 1.0, 5) == (0, 5)       # max_steps runs even on data smaller than a batch
     assert warmup_steps(30, 0.03) == 1
     assert warmup_steps(1000, 0.03) == 30
     assert warmup_steps(1000, 0.0) == 0

@@ -9,12 +9,12 @@ killed mid-save leaves a directory that is never loaded.
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
 import re
 import shutil
 import signal
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -66,8 +66,8 @@ def read_marker(path: str | Path) -> dict[str, Any]:
 
 
 def write_marker(path: str | Path, info: dict[str, Any]) -> None:
-    tmp = Path(path) / (MARKER + ".tmp")
-    with open(tmp, "w") as f:
+    fd, tmp = tempfile.mkstemp(prefix=MARKER + ".", suffix=".tmp", dir=path)
+    with os.fdopen(fd, "w") as f:
         json.dump(info, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
@@ -114,33 +114,44 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
     return p
 
 
-class OutputLock:
-    """An exclusive lock on OUTPUT_DIR held for the life of a job, so a second job refuses to start
-    instead of interleaving checkpoints. flock is released by the kernel when the holder dies."""
+from .outlock import OutputLock  # noqa: E402,F401 - the output-dir lock lives in its own module
 
-    def __init__(self, output_dir: str | Path):
-        self.path = Path(output_dir) / ".distsft.lock"
-        self._fd: int | None = None
 
-    def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = self.path.read_text().strip() or "another process"
-            os.close(fd)
-            raise SpecError(f"output_dir {self.path.parent} is in use by a live job ({holder}); "
-                            "wait for it to finish, stop it, or choose another output_dir") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {os.uname().nodename}".encode())
-        self._fd = fd
+# ------------------------------------------------------------------------------ the PREEMPTED flag
+# Its whole life cycle is here: written by rank 0 when a run stopped on a signal after a complete
+# checkpoint, cleared when a run starts (a requeued or rerun job, whatever happens to it next, is no
+# longer "the preempted one"), read by `distsft run` and `submit --wait` to tell 75 from a failure.
 
-    def release(self) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
+def mark_preempted(output_dir: str | Path, step: int) -> None:
+    (Path(output_dir) / PREEMPTED).write_text(f"step {step}\n")
+
+
+def clear_preempted(output_dir: str | Path) -> None:
+    (Path(output_dir) / PREEMPTED).unlink(missing_ok=True)
+
+
+def was_preempted(output_dir: str | Path) -> bool:
+    return (Path(output_dir) / PREEMPTED).exists()
+
+
+def preempted_step(output_dir: str | Path) -> str | None:
+    """The step of the preemption checkpoint (else of the newest complete one), or None."""
+    try:
+        return (Path(output_dir) / PREEMPTED).read_text().split()[-1]
+    except (OSError, IndexError):
+        latest = latest_complete(output_dir)
+        return latest.name.split("-")[-1] if latest else None
+
+
+def clear_incomplete(path: str | Path) -> bool:
+    """Before a save into `checkpoint-N`: remove an incomplete `checkpoint-N` an earlier attempt left
+    (e.g. ZeRO shards of another world size, which must not survive beside the new ones). A complete
+    one is left alone. Returns whether something was removed."""
+    p = Path(path)
+    if p.is_dir() and not is_complete(p):
+        shutil.rmtree(p)
+        return True
+    return False
 
 
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)

@@ -6,10 +6,13 @@ Everything else asks `env()` or uses the small collective helpers here, so rank 
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
+
+from .spec import SpecError
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,7 @@ class DistEnv:
     master_port: int
     job_id: str | None  # SLURM job id, when under SLURM
     restart_count: int  # SLURM_RESTART_COUNT: how many times the job was requeued
+    node_name: str = ""  # SLURMD_NODENAME under SLURM (several slurmd may share a host), else the hostname
 
     @property
     def is_main(self) -> bool:
@@ -57,7 +61,8 @@ def env() -> DistEnv:
         rank=rank, local_rank=local_rank, world_size=world, local_world_size=local_world,
         node_rank=_int("GROUP_RANK", _int("SLURM_NODEID", 0)), num_nodes=nodes,
         master_addr=os.environ.get("MASTER_ADDR", "127.0.0.1"), master_port=_int("MASTER_PORT", 29500),
-        job_id=os.environ.get("SLURM_JOB_ID"), restart_count=_int("SLURM_RESTART_COUNT", 0))
+        job_id=os.environ.get("SLURM_JOB_ID"), restart_count=_int("SLURM_RESTART_COUNT", 0),
+        node_name=os.environ.get("SLURMD_NODENAME") or socket.gethostname())
 
 
 def slurm_cpus_per_rank() -> int | None:
@@ -89,6 +94,54 @@ def export_torch_env(e: DistEnv) -> None:
 def initialized() -> bool:
     import torch.distributed as tdist
     return tdist.is_available() and tdist.is_initialized()
+
+
+def init_early(cuda: bool, timeout_s: float = 1800.0) -> None:
+    """Form the default process group before the libraries do, so that rank 0 can decide things for
+    every rank (the resume checkpoint, the shared-output-dir check) before anything reads a checkpoint.
+    accelerate, DeepSpeed and HF reuse an initialised group. On CUDA the group carries NCCL and gloo
+    (what FSDP's CPU offload needs too); the timeout is HF's ddp_timeout default."""
+    e = env()
+    if e.world_size <= 1 or initialized():
+        return
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as tdist
+    backend = "gloo"
+    if cuda:
+        torch.cuda.set_device(e.local_rank)
+        backend = "cuda:nccl,cpu:gloo"
+    tdist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+
+
+class AgreedError(SpecError):
+    """A bad-input error found by rank 0 for all ranks: every rank exits 2, rank 0 alone says why."""
+
+
+def agree(decide: Any) -> Any:
+    """`decide()` runs on rank 0 only; every rank gets its result, or raises its SpecError (as an
+    AgreedError), so no rank decides from its own view of the file system."""
+    result: tuple[str, Any] = ("ok", None)
+    if env().is_main:
+        try:
+            result = ("ok", decide())
+        except SpecError as exc:
+            result = ("error", str(exc))
+    kind, value = broadcast_object(result)
+    if kind == "error":
+        raise AgreedError(value)
+    return value
+
+
+def gather_object(obj: Any) -> list[Any]:
+    """Every rank's value, in rank order, on every rank."""
+    if not initialized():
+        return [obj]
+    import torch.distributed as tdist
+    out: list[Any] = [None] * tdist.get_world_size()
+    tdist.all_gather_object(out, obj)
+    return out
 
 
 def barrier() -> None:

@@ -14,7 +14,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from . import checkpoint, dist, hardware, universal
+from . import checkpoint, dist, hardware, shared_view, universal
 from .checkpoint import EXIT_PREEMPTED
 from .spec import RunSpec, SpecError, load_spec
 
@@ -59,18 +59,25 @@ def _configure_logging(e: dist.DistEnv) -> None:
         transformers.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
         datasets.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
+    from .console import no_progress_bars
+    no_progress_bars()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def run(run_yaml: str, flag: checkpoint.PreemptionFlag | None = None) -> int:
     """Train one rank. `flag` lets a caller (the SLURM task) see which signals stopped training."""
     e = dist.env()
+    from .console import quiet
+    quiet()  # before bitsandbytes / transformers are imported
     # First thing: a preemption signal that arrives while the libraries load must not kill the rank.
     flag = (flag or checkpoint.PreemptionFlag()).install()
     try:
         spec = load_spec(run_yaml)
         return _train(spec, flag)
+    except dist.AgreedError as exc:  # found by rank 0 for every rank: one message
+        if e.is_main:
+            dist.warn(f"error: {exc}")
+        return 2
     except SpecError as exc:
         dist.warn(f"error: {exc}")
         return 2
@@ -111,8 +118,6 @@ def _train(spec: RunSpec, flag: checkpoint.PreemptionFlag) -> int:
     out = Path(spec.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     lock = checkpoint.OutputLock(out)
-    if e.is_main and not dist.launcher_holds_lock():
-        lock.acquire()
 
     cuda, bf16_ok, _ = hardware.cuda_info()
     precision = resolve_precision(spec, cuda, bf16_ok)
@@ -122,17 +127,19 @@ def _train(spec: RunSpec, flag: checkpoint.PreemptionFlag) -> int:
     check_available(spec.train.optim)
     batch = batch_for(spec, world_size=e.world_size)
     t = spec.train
-    resume = checkpoint.resolve_resume(spec.checkpoint.resume, out)
-    if resume is not None:
-        check_resume_compatible(checkpoint.read_marker(resume), spec, batch)
-    # A ZeRO checkpoint from another process count loads through DeepSpeed's universal checkpoint.
-    load_universal = resume is not None and universal.needs_universal(resume, e.world_size)
+    # The process group first, so that rank 0 decides for all ranks (lock, shared view, resume).
+    dist.init_early(cuda)
+    dist.agree(lambda: None if dist.launcher_holds_lock() else lock.acquire())
+    shared_view.check(out)
+    if e.is_main:
+        checkpoint.clear_preempted(out)  # this attempt, whatever happens to it, is not the preempted one
+    resume, load_universal, marker = _resume_decision(spec, out, batch, e.world_size)
     ds_config = render_deepspeed(spec, batch, precision) if spec.distributed.backend == "deepspeed" else None
     if load_universal:
         ds_config = universal.with_load_universal(ds_config)
-        # Before the process group exists (SFTConfig may create it), so that a conversion longer than the
-        # collective timeout cannot fail the job: the other ranks watch the file system instead of waiting
-        # in a barrier. If rank 0 fails, torchrun / srun --kill-on-bad-exit stop them. Usually `distsft run`
+        # Before any collective that could time out: a conversion longer than the collective timeout
+        # cannot fail the job, since the other ranks watch the file system instead of waiting in a
+        # barrier. If rank 0 fails, torchrun / srun --kill-on-bad-exit stop them. Usually `distsft run`
         # has converted before the ranks started, and this is a no-op.
         if e.is_main:
             universal.convert_if_needed(resume, e.world_size)
@@ -173,13 +180,16 @@ def _train(spec: RunSpec, flag: checkpoint.PreemptionFlag) -> int:
     tokenizer = model_lib.load_tokenizer(spec)
     train_ds, stats = prepare_split(spec, tokenizer, "train")
     eval_ds = prepare_split(spec, tokenizer, "eval")[0] if spec.data.eval_files else None
+    data_key = _train_data_key(spec, tokenizer)
+    if marker is not None:
+        dist.agree(lambda: check_data_unchanged(marker, data_key))
     steps_per_epoch, total = plan_steps(stats["num_rows"], batch.global_batch_size, t.num_train_epochs, t.max_steps)
     args.max_steps = total
     args.warmup_steps = warmup_steps(total, t.warmup_ratio)
     args.lr_scheduler_kwargs = scheduler_kwargs(t, total) or {}  # min-LR cosine / WSD need the step count
     order = GlobalOrder(stats["num_rows"], batch.global_batch_size, t.seed)
 
-    resume_step = int(checkpoint.read_marker(resume)["step"]) if resume else 0
+    resume_step = int(marker["step"]) if marker else 0
     writer = progress = None
     if e.is_main:
         writer = MetricsWriter(out, spec.logging.report_to, resume_step, spec=spec)
@@ -191,7 +201,8 @@ def _train(spec: RunSpec, flag: checkpoint.PreemptionFlag) -> int:
                      save_total_limit=spec.checkpoint.save_total_limit, flag=flag, writer=writer,
                      marker_info={"global_batch_size": batch.global_batch_size, "seed": t.seed,
                                   "num_rows": stats["num_rows"], "backend": spec.distributed.backend,
-                                  "zero_stage": spec.distributed.stage, "optim": t.optim})
+                                  "zero_stage": spec.distributed.stage, "optim": t.optim, "data_key": data_key,
+                                  "max_length": spec.data.max_length, "packing": spec.data.packing})
 
     from transformers import set_seed
     set_seed(t.seed)  # before the model: LoRA adapters are initialised randomly when they are attached
@@ -229,14 +240,13 @@ def _train(spec: RunSpec, flag: checkpoint.PreemptionFlag) -> int:
         return 1
     if ctx.preempted:
         if e.is_main:
-            (out / checkpoint.PREEMPTED).write_text(f"step {trainer.state.global_step}\n")
+            checkpoint.mark_preempted(out, trainer.state.global_step)
         dist.print0(f"stopped on a signal after saving checkpoint-{trainer.state.global_step}; "
                     "rerun the same command to resume")
         _close(writer, lock)
         return EXIT_PREEMPTED
     trainer.save_model(str(out))  # adapter (LoRA/QLoRA) or full model; the tokenizer goes with it
     if e.is_main:
-        (out / checkpoint.PREEMPTED).unlink(missing_ok=True)
         if spec.checkpoint.save_merged and spec.peft.method != "none":
             model_lib.save_merged(str(out), str(out / "merged"), torch.bfloat16 if precision == "bf16" else torch.float32)
         _summary(out, ctx.history, started, spec, trainer.state.global_step)
@@ -269,8 +279,41 @@ def _checkpointing_args(enabled: bool) -> dict[str, Any]:
     return {name: enabled, f"{name}_kwargs": {"use_reentrant": False} if enabled else None}
 
 
+def _resume_decision(spec: RunSpec, out: Path, batch: Any, world_size: int) -> tuple[Path | None, bool, Any]:
+    """Rank 0 resolves the checkpoint to resume from, checks it fits this run, and decides whether it
+    loads through the universal checkpoint (a ZeRO checkpoint from another process count); every rank
+    gets that one decision (checkpoint path, load_universal, its marker)."""
+    def decide() -> tuple[str | None, bool, dict[str, Any] | None]:
+        resume = checkpoint.resolve_resume(spec.checkpoint.resume, out)
+        if resume is None:
+            return None, False, None
+        marker = checkpoint.read_marker(resume)
+        check_resume_compatible(marker, spec, batch)
+        return str(resume), universal.needs_universal(resume, world_size), marker
+    path, load_universal, marker = dist.agree(decide)
+    return (Path(path) if path else None), load_universal, marker
+
+
+def _train_data_key(spec: RunSpec, tokenizer: Any) -> str:
+    """The training data's fingerprint (its cache key: files, tokenizer, template, data settings)."""
+    from .data.cache import cache_key
+    return cache_key(spec, tokenizer, "train")
+
+
+def check_data_unchanged(marker: dict[str, Any], data_key: str) -> None:
+    """Refuse a resume onto other training data: the saved position would index another sample order."""
+    if marker.get("data_key") not in (None, data_key):
+        raise SpecError(
+            f"the checkpoint was trained on other data (fingerprint {marker['data_key']}, now {data_key}): the "
+            "data files, tokenizer, chat template or data settings changed since it was saved, so resuming "
+            "would continue a different sample order. Put the data back, or start afresh with "
+            "checkpoint.resume=never (or another output_dir)")
+
+
 def check_resume_compatible(marker: dict[str, Any], spec: RunSpec, batch: Any) -> None:
-    """Refuse a resume that would silently change the global batch or the data order."""
+    """Refuse a resume that would silently change the global batch, the data order, the sequence layout
+    or the optimizer state's format. The world size may change (the accumulation is re-derived and a
+    ZeRO checkpoint is converted), so it is not compared."""
     if marker.get("global_batch_size") != batch.global_batch_size:
         raise SpecError(
             f"the checkpoint was trained with global batch {marker.get('global_batch_size')} but this run "
@@ -283,6 +326,20 @@ def check_resume_compatible(marker: dict[str, Any], spec: RunSpec, batch: Any) -
         raise SpecError(f"the checkpoint was trained with train.optim={marker['optim']}; its optimizer state "
                         f"cannot be loaded into {spec.train.optim}: set train.optim={marker['optim']} "
                         "or checkpoint.resume=never")
+    d = spec.distributed
+    now = {"data.max_length": ("max_length", spec.data.max_length), "data.packing": ("packing", spec.data.packing),
+           "distributed.backend": ("backend", d.backend)}
+    if d.backend == "deepspeed" and marker.get("backend", "deepspeed") == "deepspeed":
+        now["distributed.zero_stage"] = ("zero_stage", d.stage)
+    diff = [(key, marker[field], value) for key, (field, value) in now.items()
+            if marker.get(field) is not None and marker[field] != value]
+    if diff:
+        what = "; ".join(f"{key} was {old!r}, now {new!r}" for key, old, new in diff)
+        why = ("its optimizer state is in another format" if any(k.startswith("distributed.") for k, _, _ in diff)
+               else "the packed rows, and so the sample order, would differ")
+        back = " ".join(f"{key}={old}" for key, old, _ in diff)
+        raise SpecError(f"this run differs from the checkpoint it would resume ({what}): {why}. Put it back "
+                        f"({back}), or start afresh with checkpoint.resume=never (or another output_dir)")
     # A DeepSpeed ZeRO checkpoint from another process count is converted (universal.convert_if_needed).
 
 

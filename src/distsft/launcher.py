@@ -42,16 +42,24 @@ def prepare(spec: RunSpec, cuda: bool) -> dict[str, Any]:
         import torch
         from .model import check_qlora_runs
         check_qlora_runs(torch.device("cuda" if cuda else "cpu"))
-    warm = _cached_stats(spec)
-    if warm is not None:
-        return warm
-    from .job import _configure_logging, prepare_split
-    from .model import load_tokenizer
-    _configure_logging(dist.env())
-    tokenizer = load_tokenizer(spec)
-    _, stats = prepare_split(spec, tokenizer, "train")
-    if spec.data.eval_files:
-        prepare_split(spec, tokenizer, "eval")
+    stats = _cached_stats(spec)
+    if stats is None:
+        from .job import _configure_logging, _train_data_key, prepare_split
+        from .model import load_tokenizer
+        _configure_logging(dist.env())
+        tokenizer = load_tokenizer(spec)
+        _, stats = prepare_split(spec, tokenizer, "train")
+        if spec.data.eval_files:
+            prepare_split(spec, tokenizer, "eval")
+        key = _train_data_key(spec, tokenizer)
+    else:
+        key = _cached_train_key(spec)
+    if resume is not None and key is not None:
+        from .job import check_data_unchanged
+        check_data_unchanged(checkpoint.read_marker(resume), key)
+    from .plan import steps
+    t = spec.train
+    steps(stats["num_rows"], batch_for(spec).global_batch_size, t.num_train_epochs, t.max_steps)  # enough rows?
     return stats
 
 
@@ -61,6 +69,16 @@ def _check_options(spec: RunSpec) -> None:
     from .optim import check_available
     check_kernels(spec.model.use_liger_kernel)
     check_available(spec.train.optim)
+
+
+def _cached_train_key(spec: RunSpec) -> str | None:
+    """The train split's cache key from the source-key index (the warm path has no tokenizer)."""
+    from .data.cache import INDEX_DIR, default_cache_root, source_key
+    sk = source_key(spec, "train")
+    try:
+        return (default_cache_root(spec) / INDEX_DIR / sk).read_text().strip() if sk else None
+    except OSError:
+        return None
 
 
 def _cached_stats(spec: RunSpec) -> dict[str, Any] | None:
@@ -120,14 +138,27 @@ class SignalForwarder:
                 pass
 
 
-def launch(run_yaml: Path, accelerate_yaml: Path, output_dir: Path, extra_env: dict[str, str]) -> int:
+def rendezvous_port(spec: RunSpec) -> int:
+    """distributed.main_process_port (else torch's 29500), or the next free port when another process
+    on this machine holds it: said once here, instead of accelerate's warning and a random port."""
+    from .ports import next_free
+    from .render import DEFAULT_PORT
+    wanted = spec.distributed.main_process_port or DEFAULT_PORT
+    port = next_free(wanted)
+    if port != wanted:
+        print(f"distsft: port {wanted} is in use on this machine; the ranks rendezvous on port {port}", flush=True)
+    return port
+
+
+def launch(run_yaml: Path, accelerate_yaml: Path, output_dir: Path, extra_env: dict[str, str],
+           port: int | None = None) -> int:
     """Start the ranks, forward signals to them, wait; the training's exit code."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_yaml),
-           "-m", ENTRY_MODULE, str(run_yaml)]
+           *(["--main_process_port", str(port)] if port else []), "-m", ENTRY_MODULE, str(run_yaml)]
     env = dict(os.environ, PYTHONUNBUFFERED="1", **extra_env)
     env[dist.LOCK_HELD_ENV] = "1"
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, _num_processes(accelerate_yaml)))))
-    (output_dir / checkpoint.PREEMPTED).unlink(missing_ok=True)
+    checkpoint.clear_preempted(output_dir)
     child = subprocess.Popen(cmd, env=env, start_new_session=True)
     with SignalForwarder(child):
         while True:
@@ -136,7 +167,7 @@ def launch(run_yaml: Path, accelerate_yaml: Path, output_dir: Path, extra_env: d
                 break
             except InterruptedError:
                 continue
-    if (output_dir / checkpoint.PREEMPTED).exists():
+    if checkpoint.was_preempted(output_dir):
         print(f"distsft: preempted; the newest complete checkpoint is in {output_dir}. "
               f"Rerun the same command to resume (exit code {EXIT_PREEMPTED}).", flush=True)
         return EXIT_PREEMPTED
@@ -177,6 +208,7 @@ def run(spec_path: str, overrides: list[str], gpus: int | None) -> int:
         extra = launch_env(spec, cuda)
         if not cuda:
             extra["DS_ACCELERATOR"] = "cpu"  # say it, instead of DeepSpeed warning on every rank
-        return launch(paths["run"], paths["accelerate"], out, extra)
+        port = rendezvous_port(spec) if spec.distributed.gpus_per_node > 1 else None
+        return launch(paths["run"], paths["accelerate"], out, extra, port)
     finally:
         lock.release()

@@ -44,9 +44,9 @@ SRUN_ARGS = ["--kill-on-bad-exit=1"]
 
 
 def rendezvous_port(job_id: str) -> int:
-    """Same on every node and across requeues (the job id survives a requeue)."""
-    digits = "".join(c for c in str(job_id).split("_")[0] if c.isdigit()) or "0"
-    return 20000 + int(digits) % 20000
+    """Same on every node and across requeues (the job id survives a requeue), below the ephemeral range."""
+    from .ports import from_job_id
+    return from_job_id(job_id)
 
 
 # ----------------------------------------------------------------------------------------------- ranks
@@ -109,8 +109,10 @@ class RankTask:
         if threads:
             os.environ.setdefault("OMP_NUM_THREADS", str(threads))
         os.environ["MASTER_ADDR"] = jenv.hostnames[0]
-        os.environ["MASTER_PORT"] = str(rendezvous_port(jenv.job_id))
         os.environ["DISTSFT_NUM_NODES"] = str(jenv.num_nodes)
+        dist.env.cache_clear()
+        e = dist.env()
+        os.environ["MASTER_PORT"] = str(self._port(e, jenv))
         dist.env.cache_clear()
         e = dist.env()
         dist.export_torch_env(e)
@@ -122,6 +124,20 @@ class RankTask:
         if code != 0:
             raise RankFailed(e.rank, code)
         return code
+
+    def _port(self, e: Any, jenv: Any) -> int:
+        """The job id's port, unless it is already bound on the main host: then rank 0 takes the next free
+        one and announces it to every rank through the job's folder (a port in use would otherwise fail
+        the rendezvous after a timeout, with a message that names neither the port nor the cause)."""
+        from .ports import agree_port
+        wanted = rendezvous_port(jenv.job_id)
+        if e.world_size <= 1:
+            return wanted
+        port, moved = agree_port(jenv.paths.folder, jenv.job_id, e.restart_count, wanted, e.is_main)
+        if moved and e.is_main:
+            print(f"distsft: port {wanted} (from job id {jenv.job_id}) is in use on {jenv.hostnames[0]}; "
+                  f"the ranks rendezvous on port {port}", flush=True)
+        return port
 
     def _after_preemption(self, e: Any, jenv: Any) -> None:
         from . import dist
@@ -167,11 +183,7 @@ class RankTask:
 
 
 def _preempted_step(out: Path) -> str | None:
-    try:
-        return (out / checkpoint.PREEMPTED).read_text().split()[-1]
-    except (OSError, IndexError):
-        latest = checkpoint.latest_complete(out)
-        return latest.name.split("-")[-1] if latest else None
+    return checkpoint.preempted_step(out)
 
 
 # ------------------------------------------------------------------------------------------ submission
@@ -273,7 +285,7 @@ def submit(spec_path: str, overrides: list[str], nodes: int | None, gpus: int | 
     lock.acquire()  # refuse at once if a job on this machine trains into the same output_dir
     try:
         write_run_dir(spec, out, cuda=gpus_on_nodes, bf16_supported=gpus_on_nodes)
-        (out / checkpoint.PREEMPTED).unlink(missing_ok=True)
+        checkpoint.clear_preempted(out)
     finally:
         lock.release()
     import submitit
@@ -308,7 +320,7 @@ def _print_dry_run(folder: Path, params: dict[str, Any], run_yaml: Path, plan: A
     print(_make_sbatch_string(command=command, folder=folder, **params))
     print(f"# each of the {plan.world_size} srun tasks (one per rank) unpickles distsft.slurm.RankTask, which runs\n"
           f"#   RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS "
-          f"MASTER_ADDR=<first host of $SLURM_JOB_NODELIST> MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000)) \\\n"
+          f"MASTER_ADDR=<first host of $SLURM_JOB_NODELIST> MASTER_PORT=$((20000 + SLURM_JOB_ID % 12000)) (the next free one if bound) \\\n"
           f"#   {sys.executable} -m distsft.train_entry {run_yaml}\n"
           f"# (in-process: distsft.job.run('{run_yaml}')); after a USR2 checkpoint rank 0 runs "
           f"`scontrol requeue $SLURM_JOB_ID`")

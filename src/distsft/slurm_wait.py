@@ -117,7 +117,7 @@ def follow(job_id: str, folder: Path, output_dir: Path, poll_s: float = 2.0, max
         print(f"distsft: job {job_id} completed; outputs in {output_dir}", flush=True)
         return 0
     codes = _rank_codes(folder, job_id)
-    preempted = (output_dir / checkpoint.PREEMPTED).exists()
+    preempted = checkpoint.was_preempted(output_dir)
     print(f"distsft: job {job_id} ended {info['JobState']}", file=sys.stderr)
     logs = sorted(folder.glob(f"{job_id}_*_log.err"), key=lambda q: int(q.name.split("_")[1]))
     for p in logs[:4]:

@@ -154,6 +154,11 @@ class DistSFTTrainer(SFTTrainer):
     # ------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         path = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        # An incomplete checkpoint-N from an earlier attempt (killed mid-save, maybe at another world size)
+        # must not lend its stale shards to this one: rank 0 removes it before any rank writes.
+        if self.is_world_process_zero():
+            checkpoint.clear_incomplete(path)
+        dist.barrier()
         try:
             super()._save_checkpoint(model, trial)
         except (OSError, RuntimeError) as exc:

@@ -28,6 +28,8 @@ import io
 import os
 import re
 import shutil
+import socket
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -90,9 +92,31 @@ def is_converted(checkpoint_dir: str | Path) -> bool:
 
 
 def _write_latest(ckpt: Path, tag: str) -> None:
-    tmp = ckpt / (LATEST_UNIVERSAL + ".tmp")
-    tmp.write_text(tag)
+    fd, tmp = tempfile.mkstemp(prefix=LATEST_UNIVERSAL + ".", suffix=".tmp", dir=ckpt)
+    with os.fdopen(fd, "w") as f:
+        f.write(tag)
     os.replace(tmp, ckpt / LATEST_UNIVERSAL)
+
+
+def _temp_dir(ckpt: Path, name: str) -> Path:
+    """A fresh conversion folder, unique per host and process (containers on several nodes share pids,
+    so a pid alone does not tell two converters apart); leftovers of dead converters on this host go."""
+    host = socket.gethostname()
+    for old in ckpt.glob(f"{_TMP_PREFIX}{name}-*"):
+        parts = old.name[len(_TMP_PREFIX + name) + 1:].rsplit("-", 2)  # host-pid-random
+        if len(parts) == 3 and parts[0] == host and parts[1].isdigit() and not _alive(int(parts[1])):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{name}-{host}-{os.getpid()}-", dir=ckpt))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def convert(checkpoint_dir: str | Path, *, quiet: bool = True) -> Path:
@@ -110,8 +134,7 @@ def convert(checkpoint_dir: str | Path, *, quiet: bool = True) -> Path:
     if (final / "zero").is_dir():  # renamed but `latest_universal` not written yet
         _write_latest(ckpt, final.name)
         return final
-    tmp = ckpt / (_TMP_PREFIX + final.name)
-    shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted conversion
+    tmp = _temp_dir(ckpt, final.name)
     from argparse import Namespace
 
     from deepspeed.checkpoint import ds_to_universal
