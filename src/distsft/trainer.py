@@ -18,6 +18,7 @@ from trl import SFTTrainer
 
 from . import checkpoint, dist
 from .data.sampler import GlobalOrder, StepBatchSampler, eval_shards
+from .eval_loss import token_loss_sum
 
 
 @dataclass
@@ -135,14 +136,11 @@ class DistSFTTrainer(SFTTrainer):
                 batch.pop("batch_checksum", None)
                 labels = batch.pop("labels")
                 batch = self._prepare_inputs(batch)
-                logits = model(**batch, use_cache=False).logits.float()
-                labels = labels.to(logits.device)[..., 1:]
-                token_loss = torch.nn.functional.cross_entropy(
-                    logits[..., :-1, :].reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                    ignore_index=-100, reduction="sum")
+                # Never the batch's full fp32 logits: the head runs on labelled positions, in chunks.
+                token_loss, n_tokens = token_loss_sum(model, batch, labels)
                 if rows:
                     total += float(token_loss)
-                    count += float((labels != -100).sum())
+                    count += float(n_tokens)
         total, count = dist.all_reduce([total, count], "sum", device=self.args.device)
         metrics = {f"{metric_key_prefix}_loss": total / count if count else float("nan"),
                    f"{metric_key_prefix}_tokens": count}
