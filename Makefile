@@ -7,6 +7,8 @@ PY     := $(VENV)/bin/python
 # torch 2.13.0 is the CPU wheel on this kind of machine; a bare `torch` would pull a multi-GB CUDA build.
 TORCH_CPU ?= torch==2.13.0
 PYTEST_ARGS ?=
+# The versions the suite passes with (torch aside: its build depends on the machine, below).
+CONSTRAINTS := -c constraints.txt
 
 .PHONY: demo test setup setup-dev test-assets plan clean
 
@@ -17,16 +19,16 @@ $(PY):
 # Keep an existing torch; otherwise install the CPU build unless an NVIDIA GPU is present.
 $(VENV)/.torch: | $(PY)
 	@if $(PY) -c "import torch" 2>/dev/null; then echo "torch already installed: keeping it"; \
-	elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then $(PY) -m pip install -q torch; \
-	else $(PY) -m pip install -q $(TORCH_CPU); fi
+	elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then $(PY) -m pip install -q $(CONSTRAINTS) torch; \
+	else $(PY) -m pip install -q $(CONSTRAINTS) $(TORCH_CPU); fi
 	@touch $@
 
-$(VENV)/.distsft: pyproject.toml $(VENV)/.torch
-	$(PY) -m pip install -q -e .
+$(VENV)/.distsft: pyproject.toml constraints.txt $(VENV)/.torch
+	$(PY) -m pip install -q $(CONSTRAINTS) -e .
 	@touch $@
 
-$(VENV)/.distsft-dev: pyproject.toml $(VENV)/.distsft
-	$(PY) -m pip install -q -e '.[dev]'
+$(VENV)/.distsft-dev: pyproject.toml constraints.txt $(VENV)/.distsft
+	$(PY) -m pip install -q $(CONSTRAINTS) -e '.[dev]'
 	@touch $@
 
 setup: $(VENV)/.distsft
