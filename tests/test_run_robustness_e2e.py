@@ -53,3 +53,25 @@ def test_quiet_run_bound_port_stale_checkpoint_then_resume_guards(tmp_path: Path
     fewer = tmp_path / "train.jsonl"
     fewer.write_text("\n".join(h.TRAIN.read_text().splitlines()[:-50]) + "\n")
     assert "trained on other data" in refused(f"data.train_files=[{fewer}]")
+
+
+def test_ranks_started_without_the_launcher_report_too_little_data_once(tmp_path: Path) -> None:
+    """torchrun on the rendered run dir (as under the sbatch template): rank 0 says it, every rank exits 2."""
+    import os
+    import subprocess
+    import sys
+    small = tmp_path / "small.jsonl"
+    small.write_text("\n".join(h.TRAIN.read_text().splitlines()[:6]) + "\n")
+    spec = h.write_spec(tmp_path / "spec.yaml", tmp_path / "run")
+    run_dir = tmp_path / "rendered"
+    h.run("render", spec, "--gpus", "2", f"data.train_files=[{small}]", "train.max_steps=3", "--out", run_dir,
+          check=True)
+    env = dict(h.env(), OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(h.ROOT / "launch" / "train.py"), str(run_dir / "run.yaml")],
+                       capture_output=True, text=True, env=env, cwd=h.ROOT, timeout=300)
+    assert p.returncode != 0
+    text = p.stdout + p.stderr
+    assert text.count("fewer than one global batch of 8") == 1, text[-4000:]
+    assert "[rank 0] error: the training data has" in text and "ValueError" not in text
+    assert "exitcode  : 2" in text or "exit code 2" in text or "exitcode: 2" in text, text[-3000:]

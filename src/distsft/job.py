@@ -183,7 +183,9 @@ def _train(spec: RunSpec, flag: checkpoint.PreemptionFlag) -> int:
     data_key = _train_data_key(spec, tokenizer)
     if marker is not None:
         dist.agree(lambda: check_data_unchanged(marker, data_key))
-    steps_per_epoch, total = plan_steps(stats["num_rows"], batch.global_batch_size, t.num_train_epochs, t.max_steps)
+    # Too little data for one global batch is one message (rank 0's), not one per rank.
+    steps_per_epoch, total = dist.agree(
+        lambda: plan_steps(stats["num_rows"], batch.global_batch_size, t.num_train_epochs, t.max_steps))
     args.max_steps = total
     args.warmup_steps = warmup_steps(total, t.warmup_ratio)
     args.lr_scheduler_kwargs = scheduler_kwargs(t, total) or {}  # min-LR cosine / WSD need the step count
