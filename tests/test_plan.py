@@ -187,7 +187,7 @@ def raw_specs(draw):
         eff_global = glob if glob is not None else micro * (accum or 1) * world
         if glob is not None and glob % (micro * world):
             verdict = "batch"
-        elif max_steps < 0 and rows // eff_global == 0:
+        elif rows // eff_global == 0:  # with max_steps too (issue 14): no step has a full batch
             verdict = "data"
     stats = {"num_rows": rows, "num_examples": rows, "num_tokens": rows * 50, "packing_efficiency": 1.0}
     return raw, stats, verdict
