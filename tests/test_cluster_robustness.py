@@ -241,3 +241,53 @@ def test_run_with_fewer_rows_than_a_global_batch_stops_before_the_ranks(tmp_path
     assert p.returncode == 2, p.stdout + p.stderr
     assert "Traceback" not in p.stderr and "[rank" not in p.stderr and "launching" not in p.stdout
     assert "fewer than one global batch of 8" in p.stderr and "rows (after packing)" in p.stderr
+
+
+# ------------------------------------------------------------------ 2. one resume decision for all ranks
+
+AGREE = r"""
+import json, sys
+from pathlib import Path
+from distsft import dist
+from distsft.job import _resume_decision
+from distsft.plan import batch_for
+from distsft.spec import load_spec
+spec_path, out = sys.argv[1], Path(sys.argv[2])
+dist.init_early(cuda=False)
+spec = load_spec(spec_path, [f"output_dir={out}"], gpus=2)
+resume, universal, marker = _resume_decision(spec, out, batch_for(spec), 2)
+try:
+    dist.agree(lambda: load_spec(spec_path, ["train.max_steps=0"]))
+except dist.AgreedError as exc:
+    err = str(exc)
+print(json.dumps({"resume": str(resume), "step": marker["step"], "err": err}))
+"""
+
+
+def test_every_rank_resumes_from_rank_0s_choice_whatever_its_own_view(tmp_path: Path) -> None:
+    """Two real processes over gloo; rank 1's view of output_dir holds a newer checkpoint than rank 0's."""
+    spec = h.write_spec(tmp_path / "spec.yaml", tmp_path / "unused")
+    s = load_spec(spec, gpus=2)
+    marker = dict(_marker(s), step=2)
+    views = [tmp_path / "view0", tmp_path / "view1"]
+    for view, steps_here in zip(views, ([2], [2, 6])):
+        for step in steps_here:
+            ckpt = view / f"checkpoint-{step}"
+            ckpt.mkdir(parents=True)
+            checkpoint.write_marker(ckpt, dict(marker, step=step))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-c", AGREE, str(spec), str(views[r])], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env=dict(h.env(), RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+             for r in (0, 1)]
+    results = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=120)
+        assert p.returncode == 0, stderr
+        results.append(json.loads(stdout.strip().splitlines()[-1]))
+    assert results[0] == results[1]
+    assert results[0]["resume"] == str(views[0] / "checkpoint-2") and results[0]["step"] == 2
+    assert "train.max_steps" in results[0]["err"]  # rank 0's error, raised on every rank

@@ -119,6 +119,10 @@ class AgreedError(SpecError):
     """A bad-input error found by rank 0 for all ranks: every rank exits 2, rank 0 alone says why."""
 
 
+class PeerFailed(RuntimeError):
+    """Rank 0 failed while deciding for all ranks; its own traceback is the one to read."""
+
+
 def agree(decide: Any) -> Any:
     """`decide()` runs on rank 0 only; every rank gets its result, or raises its SpecError (as an
     AgreedError), so no rank decides from its own view of the file system."""
@@ -128,9 +132,14 @@ def agree(decide: Any) -> Any:
             result = ("ok", decide())
         except SpecError as exc:
             result = ("error", str(exc))
+        except BaseException as exc:
+            broadcast_object(("crash", f"{type(exc).__name__}: {exc}"))  # release the others, then fail here
+            raise
     kind, value = broadcast_object(result)
     if kind == "error":
         raise AgreedError(value)
+    if kind == "crash":
+        raise PeerFailed(f"rank 0 failed ({value}); its own message says why")
     return value
 
 

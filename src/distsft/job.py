@@ -87,6 +87,9 @@ def run(run_yaml: str, flag: checkpoint.PreemptionFlag | None = None) -> int:
     except KeyboardInterrupt:
         dist.warn("interrupted")
         return 130
+    except dist.PeerFailed as exc:
+        dist.warn(f"rank {e.rank}: {exc}")
+        return 1
     except Exception as exc:  # noqa: BLE001 - the last word from a rank must say which rank failed
         if "closed by peer" in str(exc) or "Connection reset" in str(exc):
             # A consequence, not a cause: another rank died; its own message (or the launcher) names it.
