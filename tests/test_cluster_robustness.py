@@ -260,7 +260,9 @@ try:
     dist.agree(lambda: load_spec(spec_path, ["train.max_steps=0"]))
 except dist.AgreedError as exc:
     err = str(exc)
-print(json.dumps({"resume": str(resume), "step": marker["step"], "err": err}))
+print(json.dumps({"resume": str(resume), "step": marker["step"], "err": err}), flush=True)
+import torch.distributed
+torch.distributed.destroy_process_group()  # exiting with a live gloo group may abort the process
 """
 
 

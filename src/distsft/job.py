@@ -395,7 +395,7 @@ def main(argv: list[str] | None = None) -> None:
         print("usage: train.py RUN_DIR/run.yaml", file=sys.stderr)
         sys.exit(2)
     code = run(argv[0])
-    if dist.initialized() and code in (0, EXIT_PREEMPTED):
+    if dist.initialized() and code in (0, 2, EXIT_PREEMPTED):  # 2: bad input, agreed by every rank
         # Exiting with a live gloo group sometimes aborts the process after the work is done.
         import torch.distributed as tdist
         tdist.destroy_process_group()
