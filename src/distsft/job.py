@@ -149,6 +149,13 @@ def _train(spec: RunSpec, flag: checkpoint.PreemptionFlag) -> int:
         else:
             universal.wait_converted(resume)
 
+    fsdp_args: dict[str, Any] = {}
+    if spec.distributed.backend == "fsdp":
+        from . import fsdp
+        fsdp.allow_cpu_fsdp()  # CPU ranks only; patches nothing where there is an accelerator
+        # The layer classes are filled in from the loaded model (fsdp.wrap_layers_of) before the Trainer
+        # builds accelerate's FSDP plugin from these arguments.
+        fsdp_args = {"fsdp": True, "fsdp_config": fsdp.trainer_fsdp_config(spec, [])}
     args = SFTConfig(
         output_dir=str(out), per_device_train_batch_size=batch.per_device_train_batch_size,
         per_device_eval_batch_size=t.per_device_eval_batch_size or batch.per_device_train_batch_size,
@@ -156,7 +163,8 @@ def _train(spec: RunSpec, flag: checkpoint.PreemptionFlag) -> int:
         lr_scheduler_type=t.lr_scheduler_type, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
         **_option_args(spec),
         seed=t.seed, data_seed=t.seed, bf16=precision == "bf16", fp16=precision == "fp16",
-        **_checkpointing_args(t.gradient_checkpointing),
+        # Under FSDP, activation checkpointing is FSDP's own (fsdp.accelerate_fsdp_config).
+        **_checkpointing_args(t.gradient_checkpointing and spec.distributed.backend != "fsdp"), **fsdp_args,
         logging_steps=spec.logging.logging_steps, report_to="none", disable_tqdm=True,
         save_strategy="steps" if spec.checkpoint.save_steps else "no", save_steps=spec.checkpoint.save_steps or 500,
         save_total_limit=None,  # distsft rotates, and never removes the newest complete checkpoint
@@ -176,7 +184,8 @@ def _train(spec: RunSpec, flag: checkpoint.PreemptionFlag) -> int:
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     dist.print0(f"distsft: world size {e.world_size} ({e.num_nodes} node(s)), "
                 f"{'GPU' if cuda else 'CPU'} {'fp32' if precision == 'no' else precision}, attention {attn}, backend {spec.distributed.backend}"
-                f"{' ZeRO-' + str(spec.distributed.stage) if spec.distributed.backend == 'deepspeed' else ''}, "
+                f"{' ZeRO-' + str(spec.distributed.stage) if spec.distributed.backend == 'deepspeed' else ''}"
+                f"{' (FSDP2)' if spec.distributed.backend == 'fsdp' else ''}, "
                 f"global batch {batch.global_batch_size} = {batch.per_device_train_batch_size} × "
                 f"{batch.gradient_accumulation_steps} × {e.world_size}")
 
@@ -212,6 +221,8 @@ def _train(spec: RunSpec, flag: checkpoint.PreemptionFlag) -> int:
     from transformers import set_seed
     set_seed(t.seed)  # before the model: LoRA adapters are initialised randomly when they are attached
     model = model_lib.load_model(spec, precision, attn, device, tokenizer=tokenizer)
+    if fsdp_args:
+        dist.print0(f"fsdp: one FSDP2 unit per {', '.join(fsdp.wrap_layers_of(args, model))}")
     packed = PackedCollator(tokenizer.pad_token_id, attn)
     from .mfu import meter
     ctx.mfu = meter(model, e.world_size, device, spec.logging.peak_tflops, warn=dist.print0)
@@ -250,7 +261,11 @@ def _train(spec: RunSpec, flag: checkpoint.PreemptionFlag) -> int:
                     "rerun the same command to resume")
         _close(writer, lock)
         return EXIT_PREEMPTED
-    trainer.save_model(str(out))  # adapter (LoRA/QLoRA) or full model; the tokenizer goes with it
+    # adapter (LoRA/QLoRA) or full model; the tokenizer goes with it
+    if fsdp_args:
+        fsdp.save_consolidated(trainer, str(out))  # checkpoints are sharded; the final model is not
+    else:
+        trainer.save_model(str(out))
     if e.is_main:
         if spec.checkpoint.save_merged and spec.peft.method != "none":
             model_lib.save_merged(str(out), str(out / "merged"), torch.bfloat16 if precision == "bf16" else torch.float32)

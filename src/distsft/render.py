@@ -1,4 +1,5 @@
-"""Render a run's launcher files: accelerate.yaml, deepspeed.json and the resolved run.yaml.
+"""Render a run's launcher files: accelerate.yaml (DDP, DeepSpeed or FSDP2), deepspeed.json and the
+resolved run.yaml.
 
 Every number in these files is explicit and comes from `plan.batch_for`: no "auto" that HF or DeepSpeed
 would fill in later, so what the plan printed is what runs, and DeepSpeed's own batch check
@@ -49,6 +50,10 @@ REFERENCE_CASES: dict[str, dict[str, Any]] = {
     "zero2": {},
     "zero3": {},
     "zero3_offload": {},
+    # FSDP2 on Llama-3.1-8B: the layer class its config names, as write_run_dir finds it where the model
+    # config is readable (the references are rendered without the hub).
+    "fsdp": {"fsdp_layers": ["LlamaDecoderLayer"]},
+    "fsdp_offload": {"fsdp_layers": ["LlamaDecoderLayer"]},
     # Rendered for the first node; on a cluster the launch passes --machine_rank/--main_process_ip.
     "two_node": {"machine_rank": 0, "main_process_ip": "node-001"},
 }
@@ -106,9 +111,11 @@ def render_deepspeed(spec: RunSpec, batch: Batch, precision: str) -> dict[str, A
 
 def render_accelerate(spec: RunSpec, batch: Batch, precision: str, *, cuda: bool,
                       deepspeed_config_file: str | None, machine_rank: int = 0,
-                      main_process_ip: str | None = None, main_process_port: int | None = None) -> dict[str, Any]:
+                      main_process_ip: str | None = None, main_process_port: int | None = None,
+                      fsdp_layers: list[str] | None = None) -> dict[str, Any]:
     """An `accelerate launch --config_file` file. num_processes is the total over all machines
-    (accelerate starts num_processes // num_machines per node)."""
+    (accelerate starts num_processes // num_machines per node). `fsdp_layers`: the classes FSDP2 wraps
+    (fsdp.layer_classes_for); without them accelerate takes the model's `_no_split_modules`."""
     d = spec.distributed
     if batch.world_size % d.nodes:
         raise ValueError(f"world size {batch.world_size} is not a multiple of distributed.nodes={d.nodes}")
@@ -117,6 +124,9 @@ def render_accelerate(spec: RunSpec, batch: Batch, precision: str, *, cuda: bool
         raise ValueError("the deepspeed backend needs deepspeed_config_file")
     if deepspeed:
         dist_type = "DEEPSPEED"
+    elif d.backend == "fsdp":
+        # Also for one process: FSDP2 needs a process group, which torchrun (the FSDP launcher) provides.
+        dist_type = "FSDP"
     else:
         # MULTI_GPU also on CPU: it is the type that makes accelerate start the ranks with torchrun.
         dist_type = "MULTI_GPU" if batch.world_size > 1 else "NO"
@@ -151,6 +161,9 @@ def render_accelerate(spec: RunSpec, batch: Batch, precision: str, *, cuda: bool
             cfg["deepspeed_config"]["deepspeed_multinode_launcher"] = "standard"
     else:
         cfg["mixed_precision"] = precision
+    if d.backend == "fsdp":
+        from .fsdp import accelerate_fsdp_config
+        cfg["fsdp_config"] = accelerate_fsdp_config(spec, fsdp_layers)
     return cfg
 
 
@@ -193,9 +206,13 @@ def write_run_dir(spec: RunSpec, out_dir: str | Path, *, cuda: bool, bf16_suppor
         paths["deepspeed"] = out / "deepspeed.json"
         paths["deepspeed"].write_text(deepspeed_text(render_deepspeed(spec, batch, precision)))
         ds_file = str(paths["deepspeed"])
+    layers = None
+    if spec.distributed.backend == "fsdp":
+        from .fsdp import layer_classes_for
+        layers = layer_classes_for(spec)
     acc = render_accelerate(spec, batch, precision, cuda=cuda, deepspeed_config_file=ds_file,
                             machine_rank=machine_rank, main_process_ip=main_process_ip,
-                            main_process_port=main_process_port)
+                            main_process_port=main_process_port, fsdp_layers=layers)
     paths["accelerate"].write_text(accelerate_text(acc))
     return paths
 

@@ -153,10 +153,14 @@ class TrainSpec(_Section):
 class DistributedSpec(_Section):
     nodes: int = Field(1, ge=1)
     gpus_per_node: int = Field(1, ge=1)
-    backend: Literal["ddp", "deepspeed"] = "ddp"
+    backend: Literal["ddp", "deepspeed", "fsdp"] = "ddp"
     zero_stage: int | None = Field(None, ge=0, le=3)
     offload_optimizer: bool = False
+    # ZeRO-3 parameter offload, or FSDP2's CPU offload (parameters, gradients and optimizer states).
     offload_params: bool = False
+    # FSDP2 only: free each layer's gathered weights after its forward (true, ZeRO-3-like) or keep them
+    # until the backward (false, ZeRO-2-like: more memory, one all-gather fewer per layer).
+    reshard_after_forward: bool = True
     main_process_port: int | None = Field(None, ge=1024, le=65535)
 
     @model_validator(mode="after")
@@ -166,7 +170,18 @@ class DistributedSpec(_Section):
                 raise ValueError(f"distributed.zero_stage={self.zero_stage} needs distributed.backend: deepspeed")
             if self.offload_optimizer or self.offload_params:
                 key = "offload_optimizer" if self.offload_optimizer else "offload_params"
-                raise ValueError(f"distributed.{key} needs distributed.backend: deepspeed (ZeRO offload)")
+                raise ValueError(f"distributed.{key} needs distributed.backend: deepspeed (ZeRO offload)"
+                                 + (" or fsdp" if key == "offload_params" else ""))
+        if self.backend == "fsdp":
+            if self.zero_stage not in (None, 3):
+                raise ValueError(f"distributed.zero_stage={self.zero_stage} is a DeepSpeed setting; FSDP2 always "
+                                 "shards weights, gradients and optimizer states (use reshard_after_forward)")
+            if self.offload_optimizer:
+                raise ValueError("distributed.offload_optimizer is a DeepSpeed setting; with backend: fsdp use "
+                                 "distributed.offload_params (FSDP2's CPU offload moves the optimizer states too)")
+            return self
+        if not self.reshard_after_forward:
+            raise ValueError("distributed.reshard_after_forward needs distributed.backend: fsdp")
         if self.offload_params and self.stage < 3:
             raise ValueError("distributed.offload_params needs distributed.zero_stage: 3")
         if self.offload_optimizer and self.stage < 1:
@@ -175,9 +190,12 @@ class DistributedSpec(_Section):
 
     @property
     def stage(self) -> int:
-        """ZeRO stage in effect: 0 under DDP, 2 when DeepSpeed is chosen without a stage."""
+        """ZeRO stage in effect: 0 under DDP, 2 when DeepSpeed is chosen without a stage; FSDP2 shards
+        like ZeRO-3 (weights, gradients, optimizer states)."""
         if self.backend == "ddp":
             return 0
+        if self.backend == "fsdp":
+            return 3
         return 2 if self.zero_stage is None else self.zero_stage
 
 
@@ -282,9 +300,6 @@ class RunSpec(_Section):
     def _defaults(self) -> "RunSpec":
         if self.train.learning_rate is None:
             self.train.learning_rate = 2e-5 if self.peft.method == "none" else 1e-4
-        if self.peft.method == "qlora" and self.distributed.stage == 3:
-            raise ValueError("peft.method=qlora with distributed.zero_stage=3 is not supported "
-                             "(4-bit weights cannot be partitioned by ZeRO-3); use zero_stage 0-2")
         if self.peft.method == "qlora" and self.train.fp16:
             raise ValueError("peft.method=qlora computes in bf16; set train.fp16: false")
         if self.checkpoint.load_best_at_end:
