@@ -266,7 +266,7 @@ def test_no_orphan_reference_files():
     assert {p.stem for p in (ROOT / "deepspeed_configs").glob("*.json")} <= names
 
 
-@pytest.mark.parametrize("name", [n for n in REFERENCE_CASES if n != "ddp"])
+@pytest.mark.parametrize("name", [n for n in REFERENCE_CASES if n != "ddp" and not n.startswith("fsdp")])
 def test_reference_deepspeed_files_load(ds_config, name, monkeypatch):
     monkeypatch.chdir(ROOT)  # the reference files point at deepspeed_configs/ relatively
     acc = yaml.safe_load((ROOT / "accelerate_configs" / f"{name}.yaml").read_text())
@@ -328,3 +328,65 @@ def test_rendered_file_launches_two_cpu_ranks(tmp_path, name):
     kind = "DEEPSPEED" if name == "zero2" else "MULTI_CPU"
     for rank in (0, 1):
         assert f"rank={rank} world=2 type={kind} backend=gloo sum=3.0" in out.stdout, out.stdout
+
+
+# ---------------------------------------------------------------- FSDP2
+
+@pytest.mark.parametrize("offload, reshard, ckpt", [(False, True, True), (True, False, False)])
+def test_fsdp_file_reaches_accelerates_fsdp2_plugin(tmp_path, offload, reshard, ckpt):
+    """The rendered FSDP section goes through accelerate's launcher into the environment of the ranks
+    and from there into accelerate's own FullyShardedDataParallelPlugin, with the layer class read from
+    the model's config (the tiny Llama here)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    spec = validate({"model": {"name_or_path": str(ROOT / "examples" / "tiny-llama")},
+                     "data": {"train_files": ["a.jsonl"]},
+                     "train": {"per_device_train_batch_size": 2, "global_batch_size": 96, "bf16": True,
+                               "gradient_checkpointing": ckpt},
+                     "distributed": {"backend": "fsdp", "gpus_per_node": 8, "offload_params": offload,
+                                     "reshard_after_forward": reshard}})
+    paths = write_run_dir(spec, tmp_path, cuda=True, bf16_supported=True)
+    assert set(paths) == {"run", "accelerate"}  # no deepspeed.json
+    cfg = load_config_from_file(str(paths["accelerate"]))
+    assert cfg.distributed_type == DistributedType.FSDP and cfg.mixed_precision == "bf16"
+    args, env = launch_args(paths["accelerate"])
+    assert args.nproc_per_node == "8"
+    assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"
+    assert env["FSDP_TRANSFORMER_CLS_TO_WRAP"] == "LlamaDecoderLayer"
+    with mock.patch.dict(os.environ, {k: v for k, v in env.items() if k.startswith(("ACCELERATE_", "FSDP_"))}):
+        plugin = FullyShardedDataParallelPlugin()
+    assert plugin.fsdp_version == 2 and plugin.transformer_cls_names_to_wrap == ["LlamaDecoderLayer"]
+    assert plugin.reshard_after_forward is reshard
+    assert (type(plugin.cpu_offload).__name__ == "CPUOffloadPolicy") is offload  # not the no-op OffloadPolicy
+    assert plugin.activation_checkpointing is ckpt
+    assert "SHARDED_STATE_DICT" in str(plugin.state_dict_type)
+
+
+def test_one_process_fsdp_still_starts_through_torchrun(tmp_path):
+    spec = make_spec({"backend": "fsdp"}, nodes=1, gpus=1)
+    acc = render_accelerate(spec, batch_for(spec), "no", cuda=False, deepspeed_config_file=None)
+    assert acc["distributed_type"] == "FSDP" and "fsdp_transformer_layer_cls_to_wrap" not in acc["fsdp_config"]
+
+
+def test_layer_classes_from_no_split_modules_or_the_longest_module_list():
+    import torch.nn as nn
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from distsft.fsdp import layer_classes
+    cfg = AutoConfig.for_model("qwen2", hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                               num_attention_heads=2, num_key_value_heads=1, vocab_size=64)
+    assert layer_classes(AutoModelForCausalLM.from_config(cfg)) == ["Qwen2DecoderLayer"]
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+
+    class Custom(nn.Module):  # no _no_split_modules: the blocks of the longest ModuleList
+        def __init__(self):
+            super().__init__()
+            self.heads = nn.ModuleList([nn.Linear(2, 2)])
+            self.blocks = nn.ModuleList([Block() for _ in range(3)])
+
+    assert layer_classes(Custom()) == ["Block"]

@@ -110,6 +110,7 @@ def _train(spec: RunSpec, flag: checkpoint.PreemptionFlag) -> int:
     from .plan import batch_for, steps as plan_steps, warmup_steps
     from .schedules import scheduler_kwargs
     from .progress import Progress
+    from .saves import SaveClock
     from .render import render_deepspeed, resolve_precision
     from .data.sampler import GlobalOrder
     from .trainer import DistSFTTrainer, PreemptionCallback, RunContext, SinkCallback
@@ -213,6 +214,7 @@ def _train(spec: RunSpec, flag: checkpoint.PreemptionFlag) -> int:
     ctx = RunContext(order=order, micro=batch.per_device_train_batch_size, accum=batch.gradient_accumulation_steps,
                      total_steps=total, eval_batch=args.per_device_eval_batch_size,
                      save_total_limit=spec.checkpoint.save_total_limit, flag=flag, writer=writer,
+                     save_clock=SaveClock(spec.slurm.signal_delay_s),
                      marker_info={"global_batch_size": batch.global_batch_size, "seed": t.seed,
                                   "num_rows": stats["num_rows"], "backend": spec.distributed.backend,
                                   "zero_stage": spec.distributed.stage, "optim": t.optim, "data_key": data_key,

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
-from . import checkpoint, dist
+from . import checkpoint, dist, saves
 from .data.sampler import GlobalOrder, StepBatchSampler, eval_shards
 from .eval_loss import token_loss_sum
 
@@ -34,6 +34,7 @@ class RunContext:
     flag: checkpoint.PreemptionFlag
     writer: Any = None  # metrics.MetricsWriter on rank 0, None elsewhere
     preempted: bool = False
+    save_clock: Any = None  # saves.SaveClock: save_seconds and the signal_delay_s warning
     history: list[dict[str, Any]] = field(default_factory=list)
     mfu: Any = None  # tokens/s -> model FLOPs utilisation (mfu.meter), on CUDA only
 
@@ -150,7 +151,23 @@ class DistSFTTrainer(SFTTrainer):
         return metrics
 
     # ------------------------------------------------------------------ checkpoints
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Intermediate ZeRO-3 saves keep DeepSpeed's partitioned state only (saves.py); the final save,
+        and every other backend's, is HF's."""
+        if saves.sharded_only(self, _internal_call):
+            saves.save_metadata(self, output_dir or self.args.output_dir)
+            return
+        super().save_model(output_dir, _internal_call=_internal_call)
+
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        started = time.perf_counter()
+        self._save_checkpoint_complete(model, trial)
+        if self.ctx.save_clock is not None:
+            step_time = next((h.get("step_time") for h in reversed(self.ctx.history) if h.get("step_time")), None)
+            self.ctx.save_clock.record(time.perf_counter() - started, self.state.global_step, step_time,
+                                       self.ctx.writer, self.args.device)
+
+    def _save_checkpoint_complete(self, model: Any, trial: Any) -> None:
         path = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
         # An incomplete checkpoint-N from an earlier attempt (killed mid-save, maybe at another world size)
         # must not lend its stale shards to this one: rank 0 removes it before any rank writes.
