@@ -39,6 +39,12 @@ def load_tokenizer(spec: RunSpec, local_files_only: bool = False) -> Any:
     return tok
 
 
+def is_sharded(spec: RunSpec) -> bool:
+    """Weights partitioned across ranks: FSDP2, or DeepSpeed ZeRO-3."""
+    return spec.distributed.backend == "fsdp" or (spec.distributed.backend == "deepspeed"
+                                                   and spec.distributed.stage == 3)
+
+
 def check_qlora_runs(device: torch.device) -> None:
     """Fail early and clearly when bitsandbytes cannot quantize on this device."""
     try:
@@ -53,24 +59,33 @@ def load_model(spec: RunSpec, precision: str, attn: str, device: torch.device, t
     from transformers import AutoModelForCausalLM
     kwargs: dict[str, Any] = {"attn_implementation": attn, "dtype": weights_dtype(spec, precision),
                               "trust_remote_code": spec.model.trust_remote_code}
+    sharded = is_sharded(spec)
     if spec.peft.method == "qlora":
         from transformers import BitsAndBytesConfig
         check_qlora_runs(device)
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16)
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            # Sharded QLoRA (FSDP-QLoRA): the packed 4-bit weights stored as bf16 elements, the dtype of
+            # the other weights, so FSDP2 / ZeRO-3 can flatten and shard them like any parameter.
+            **({"bnb_4bit_quant_storage": torch.bfloat16} if sharded else {}))
         kwargs["dtype"] = torch.bfloat16
-        kwargs["device_map"] = {"": device}
+        if spec.distributed.backend != "deepspeed" or not sharded:
+            kwargs["device_map"] = {"": device}  # ZeRO-3 places (partitions) the weights itself
     try:
         model = AutoModelForCausalLM.from_pretrained(spec.model.name_or_path, **kwargs)
     except (OSError, ValueError) as exc:
         raise SpecError(f"model.name_or_path: cannot load {spec.model.name_or_path!r}: "
                         f"{str(exc).splitlines()[0]}") from None
     new_ids = _new_token_rows(spec, model, tokenizer)
+    if spec.peft.method == "qlora" and sharded:
+        _keep_4bit_layout(model)
     if spec.peft.method == "none":
         return model
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    if spec.peft.method == "qlora":
+    if spec.peft.method == "qlora" and not sharded:
+        # Not when sharded: it upcasts the non-quantized weights to fp32, and FSDP2 / ZeRO-3 want one
+        # dtype per shard group (the compute dtype, as the 4-bit storage).
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=spec.train.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -110,6 +125,21 @@ def _lora_options(spec: RunSpec, model: Any, new_ids: list[int]) -> dict[str, An
     if tokens:
         opts["trainable_token_indices"] = tokens
     return opts
+
+
+def _keep_4bit_layout(model: Any) -> None:
+    """Sharded QLoRA on CPU: bitsandbytes' CPU inference fast path (eval mode, AVX512-BF16) re-packs a
+    Linear4bit's weight in place on its first forward and flags its quant_state for good. Under FSDP2 the
+    weight is re-gathered from the unconverted shards on every forward, so later forwards would read the
+    shards through the flag as the other layout (wrong eval losses), and ZeRO-3's save then fails on it.
+    Keeping the standard layout costs nothing on GPUs, where that path does not exist."""
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return
+    for m in model.modules():
+        if isinstance(m, Linear4bit) and getattr(m, "support_avx512bf16_for_cpu", False):
+            m.support_avx512bf16_for_cpu = False
 
 
 def save_merged(adapter_dir: str, out_dir: str, dtype: torch.dtype) -> None:
