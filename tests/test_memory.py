@@ -113,10 +113,9 @@ def test_lora_below_full_and_qlora_below_lora(llama8b, stage):
     lora = estimate(spec(peft={"method": "lora"}, dist=d), shape=llama8b)
     assert lora["total_gb"] < full["total_gb"]
     assert lora["trainable_parameters"] < full["trainable_parameters"] == full["num_parameters"]
-    if stage < 3:  # QLoRA cannot use ZeRO-3
-        qlora = estimate(spec(peft={"method": "qlora"}, dist=d), shape=llama8b)
-        assert qlora["total_gb"] < lora["total_gb"]
-        assert "zero3" not in qlora["per_stage_gb"]
+    qlora = estimate(spec(peft={"method": "qlora"}, dist=d), shape=llama8b)
+    assert qlora["total_gb"] < lora["total_gb"]  # sharded QLoRA (ZeRO-3, FSDP2) included
+    assert qlora["per_stage_gb"]["fsdp"] < qlora["per_stage_gb"]["ddp"]
 
 
 def test_lora_ddp_numbers(llama8b):
@@ -174,3 +173,19 @@ def test_activations(llama8b):
     e2 = estimate(spec(train={"gradient_checkpointing": False}), shape=llama8b)
     assert e1["activations_gb"] < e2["activations_gb"] and e1["model_states_gb"] == e2["model_states_gb"]
     assert e1["total_gb"] == pytest.approx(e1["model_states_gb"] + e1["activations_gb"], abs=0.011)
+
+
+def test_checkpoint_size_per_rank_and_node_for_each_backend(llama8b):
+    """One save of full fine-tuning at 2 nodes × 8: DDP puts everything on rank 0 (fp32 weights + Adam,
+    12 bytes/param); ZeRO-3 and FSDP2 write 12 bytes/param spread over all ranks, nothing gathered."""
+    e = estimate(spec(dist={"backend": "fsdp", "nodes": 2}, gpus=8), shape=llama8b)
+    c, n = e["checkpoint"], llama8b.num_parameters
+    assert c["backend"] == "fsdp"
+    table = c["per_backend"]
+    assert table["ddp"]["per_rank_gb"] == pytest.approx(12 * n / GIB, rel=1e-3)
+    assert table["fsdp"]["per_rank_gb"] == pytest.approx(12 * n / 16 / GIB, rel=1e-3)
+    assert table["fsdp"]["per_node_gb"] == pytest.approx(12 * n / 2 / GIB, rel=1e-3)
+    assert table["zero3"] == table["fsdp"]
+    assert table["zero3"]["per_rank_gb"] < table["zero2"]["per_rank_gb"] < table["ddp"]["per_rank_gb"]
+    lora = estimate(spec(peft={"method": "lora"}, dist={"backend": "fsdp"}), shape=llama8b)["checkpoint"]
+    assert lora["per_rank_gb"] < c["per_rank_gb"] / 50  # the adapter and its moments only

@@ -119,6 +119,7 @@ def _print_plan(spec: Any, p: Any, mem: dict[str, Any] | None, why: str | None, 
     rows = [
         ("world", f"{p.nodes} node(s) × {p.gpus_per_node} GPU(s) = {p.world_size}"),
         ("backend", p.backend + (f" ZeRO-{p.zero_stage}" if p.backend == "deepspeed" else "")
+         + (" (FSDP2)" if p.backend == "fsdp" else "")
          + (" + offload optimizer" if spec.distributed.offload_optimizer else "")
          + (" + offload params" if spec.distributed.offload_params else "")),
         ("global batch", f"{p.global_batch_size} = {p.per_device_train_batch_size} (micro) × "
@@ -140,6 +141,12 @@ def _print_plan(spec: Any, p: Any, mem: dict[str, Any] | None, why: str | None, 
                                      f"{_gb(mem['model_states_gb'])} + activations {_gb(mem['activations_gb'])})"))
         for label, gb in mem.get("per_stage_gb", {}).items():
             rows.append(("", f"{label}: {_gb(gb)} GB"))
+        if mem.get("checkpoint"):
+            c = mem["checkpoint"]
+            rows.append(("checkpoint", f"~{_gb(c['per_rank_gb'])} GB per rank, ~{_gb(c['per_node_gb'])} GB per node "
+                                       f"({c['backend']}; largest rank / node, one save)"))
+            for label, size in c["per_backend"].items():
+                rows.append(("", f"{label}: {_gb(size['per_rank_gb'])} GB / rank, {_gb(size['per_node_gb'])} GB / node"))
     if not mem:
         rows.append(("memory / GPU", "unknown (the model's config is not readable here)"))
     for k, v in rows:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from . import ckpt_size
 from .plan import Plan
 from .spec import RunSpec
 
@@ -36,6 +37,10 @@ STAGES: dict[str, tuple[int, bool, bool]] = {
     "zero3": (3, False, False),
     "zero3+offload_opt": (3, True, False),
     "zero3+offload_all": (3, True, True),
+    # FSDP2 shards weights, gradients and optimizer states like ZeRO-3 (one gathered layer at a time);
+    # its CPU offload moves all three, like ZeRO-3's full offload. Estimated with the same accounting.
+    "fsdp": (3, False, False),
+    "fsdp+offload": (3, True, True),
 }
 
 
@@ -158,6 +163,8 @@ def _per_gpu(spec: RunSpec, shape: ModelShape, stage: int, offload_optimizer: bo
     if method == "qlora":
         quantised = sum(i * o for _, i, o in shape.linear_layers)
         frozen = int(quantised * QLORA_BYTES_PER_PARAM + (shape.num_parameters - quantised) * 2)
+        if stage == 3:  # sharded QLoRA (4-bit storage in bf16 elements): a shard plus one gathered layer
+            frozen = frozen // world + 2 * shape.largest_layer_parameters
     else:
         frozen = frozen_weights_bytes(shape.num_parameters, wbytes, shape.largest_layer_parameters, stage,
                                       offload_params, world)
@@ -171,8 +178,9 @@ def _gib(n: float) -> float:
 def estimate(spec: RunSpec, plan: Plan | None = None, *, shape: ModelShape | None = None,
              local_files_only: bool = True) -> dict[str, Any] | None:
     """Estimated memory per GPU of the spec's run (at the plan's world size), and the same for every
-    ZeRO stage/offload choice ("per_stage_gb", total GiB per GPU; QLoRA omits ZeRO-3, which it cannot
-    use). None when the model's config cannot be read."""
+    ZeRO stage/offload choice and FSDP2 ("per_stage_gb", total GiB per GPU), and the size of one
+    checkpoint per rank and per node ("checkpoint", ckpt_size.py). None when the model's config cannot
+    be read."""
     if shape is None:
         shape = model_shape(spec.model.name_or_path, spec.model.trust_remote_code, local_files_only)
         if shape is None:
@@ -184,8 +192,6 @@ def estimate(spec: RunSpec, plan: Plan | None = None, *, shape: ModelShape | Non
                            spec.train.gradient_checkpointing, bytes_per_value)
     per_stage = {}
     for label, (stage, opt, par) in STAGES.items():
-        if spec.peft.method == "qlora" and stage == 3:
-            continue
         gpu, _, _ = _per_gpu(spec, shape, stage, opt, par, world)
         per_stage[label] = _gib(gpu + act)
     gpu, cpu, trainable = _per_gpu(spec, shape, d.stage, d.offload_optimizer, d.offload_params, world)
@@ -197,6 +203,7 @@ def estimate(spec: RunSpec, plan: Plan | None = None, *, shape: ModelShape | Non
         "total_gb": _gib(gpu + act),
         "cpu_gb": _gib(cpu),
         "per_stage_gb": per_stage,
+        "checkpoint": ckpt_size.estimate(spec, trainable, world),
         "note": "estimate (GiB per GPU; cpu_gb per node): model states + activations, excluding the CUDA "
                 "context, allocator fragmentation and communication buffers",
     }
