@@ -57,9 +57,10 @@ def test_sharded_adapter_is_saved_trained_and_reloads_with_the_same_eval_loss(tm
     from safetensors.torch import load_file
     out = tmp_path / "run"
     spec = h.write_spec(tmp_path / "spec.yaml", out, BACKENDS[backend])
+    merged = backend == "fsdp" and method == "lora"
     h.run("run", spec, "--gpus", "2", f"peft.method={method}", "peft.r=8", "train.max_steps=3",
           "train.learning_rate=1e-2", "train.eval_steps=3", "checkpoint.save_steps=2",
-          "slurm.signal_delay_s=0", check=True, timeout=400)
+          "slurm.signal_delay_s=0", f"checkpoint.save_merged={str(merged).lower()}", check=True, timeout=400)
     losses = h.train_losses(out)
     assert sorted(losses) == [1, 2, 3]
 
@@ -74,6 +75,11 @@ def test_sharded_adapter_is_saved_trained_and_reloads_with_the_same_eval_loss(tm
     reported = [m["eval_loss"] for m in h.metrics(out) if "eval_loss" in m][-1]
     tol = 1e-4 if method == "lora" else 2e-2  # QLoRA: bf16 compute, summed in another order
     assert _reloaded_eval_loss(out, method) == pytest.approx(reported, abs=tol)
+
+    if merged:
+        from transformers import AutoModelForCausalLM
+        full = AutoModelForCausalLM.from_pretrained(out / "merged")
+        assert not any("lora_" in n for n, _ in full.named_parameters())
 
     # the intermediate checkpoint: sharded state only, nothing gathered into a model/adapter file
     names = {p.name for p in (out / "checkpoint-2").iterdir()}
