@@ -6,9 +6,11 @@ intermediate checkpoint after step 4. ZeRO-3 runs twice: as distsft saves now (p
 and with HF's gathering intermediate save (DISTSFT_GATHER_INTERMEDIATE_SAVES=1, the behaviour before
 distsft skipped it: a consolidated 16-bit state dict gathered layer by layer into rank 0 at every save).
 
-* model-state memory per rank = peak RSS (VmHWM) of the rank minus its VmHWM when rank 0 prints its
-  "distsft: world size" line (libraries imported, process group up, nothing of the model loaded yet):
-  weights, gradients, optimizer states, plus the (equal, small) activations of the run;
+* model-state memory per rank = the bytes of the tensors this rank holds for the model's weights, their
+  gradients and the optimizer (benchmarks/state_probe.py: the ranks run `distsft.job.main` with one
+  added callback that counts them before the optimizer step of step 3), max over the ranks;
+* peak RSS per rank (VmHWM), and its rise after rank 0 prints "distsft: world size" (libraries loaded,
+  process group up, no model yet): on CPU also allocator slack, activations and DeepSpeed's buffers;
 * throughput = median real tokens/s of the logged steps 2-8 (a median: the machine is shared);
 * save_seconds = distsft's own figure for the step-4 checkpoint (metrics.jsonl, slowest rank).
 
@@ -18,6 +20,7 @@ distsft skipped it: a consolidated 16-bit state dict gathered layer by layer int
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -38,6 +41,10 @@ RUNS = {  # name -> (distributed section, extra environment)
     "fsdp": ({"backend": "fsdp"}, {}),
 }
 BASELINE_LINE = "distsft: world size"
+ENTRY = "state_probe"
+# `distsft run`, its ranks started as `-m state_probe` (distsft.job.main plus the byte-counting callback)
+LAUNCH = ("import sys, distsft.launcher as L; L.ENTRY_MODULE = 'state_probe'; from distsft.cli import main; "
+          "sys.argv[0] = 'distsft'; main()")
 
 
 def make_model(work: Path, hidden: int, layers: int) -> tuple[Path, int]:
@@ -79,7 +86,7 @@ def run_one(cmd: list[str], env: dict[str, str]) -> dict:
 
     def ranks() -> list:
         try:
-            return [p for p in psutil.Process(proc.pid).children(recursive=True) if C._is_rank(p, "distsft.train_entry")]
+            return [p for p in psutil.Process(proc.pid).children(recursive=True) if C._is_rank(p, ENTRY)]
         except psutil.Error:
             return []
 
@@ -107,7 +114,8 @@ def run_one(cmd: list[str], env: dict[str, str]) -> dict:
     t.join()
     if rc != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({rc}):\n{''.join(text)[-4000:]}")
-    return {"peak": peak, "base": base}
+    states = [json.loads(x.split(" ", 1)[1]) for x in text if x.startswith("STATE_BYTES ")]
+    return {"peak": peak, "base": base, "states": states}
 
 
 def main() -> None:
@@ -129,13 +137,15 @@ def main() -> None:
                             extra={"model": {"name_or_path": str(model)},
                                    "distributed": dist, "slurm": {"signal_delay_s": 120}})
         env = C.bench_env(DISTSFT_CACHE_DIR=str(a.work / "cache"), **extra_env)
+        env["PYTHONPATH"] = os.pathsep.join(x for x in (str(C.BENCH), env.get("PYTHONPATH")) if x)
         t0 = time.time()
-        mem = run_one(C.distsft_cmd(spec), env)
+        mem = run_one([sys.executable, "-c", LAUNCH, "run", str(spec), "--gpus", str(C.WORLD)], env)
         metrics = C.read_jsonl(out / "metrics.jsonl")
         steps = [m for m in metrics if "loss" in m and m["step"] > 1 and m["step"] != a.steps // 2 + 1]
         saves = [m["save_seconds"] for m in metrics if "save_seconds" in m and m["step"] == a.steps // 2]
-        states = [mem["peak"][p] - mem["base"].get(p, float("nan")) for p in mem["peak"]]
-        res[name] = {"peak": sorted(mem["peak"].values(), reverse=True), "states": max(states),
+        rise = [mem["peak"][p] - mem["base"].get(p, float("nan")) for p in mem["peak"]]
+        res[name] = {"peak": sorted(mem["peak"].values(), reverse=True), "rise": max(rise),
+                     "states": max(x["total"] for x in mem["states"]) / 2**20,
                      "tok_s": statistics.median(m["tokens"] / m["step_time"] for m in steps),
                      "save": saves[0] if saves else float("nan"), "wall": time.time() - t0,
                      "ckpt_mb": sum(f.stat().st_size for f in (out / f"checkpoint-{a.steps // 2}").rglob("*")
@@ -148,13 +158,13 @@ def main() -> None:
     print(f"Llama {n_params / 1e6:.1f}M parameters (hidden {a.hidden}, {a.layers} layers), full fine-tuning, fp32, "
           f"2 CPU ranks over gloo, max_length 256, global batch 8, {a.steps} steps, checkpoint at step "
           f"{a.steps // 2}\n")
-    print("| backend | peak RSS per rank, MB | model-state memory per rank, MB (× DDP) | tokens/s (× DDP) | "
-          f"step-{a.steps // 2} save, s | checkpoint on disk, MB |")
-    print("|---|---|---|---|---|---|")
+    print("| backend | model-state memory per rank, MB (× DDP) | peak RSS per rank, MB | RSS rise after start, MB "
+          f"(× DDP) | tokens/s (× DDP) | step-{a.steps // 2} save, s | checkpoint on disk, MB |")
+    print("|---|---|---|---|---|---|---|")
     for name, r in res.items():
-        print(f"| {name} | {' / '.join(f'{x:,.0f}' for x in r['peak'])} | {r['states']:,.0f} "
-              f"({r['states'] / ddp['states']:.2f}) | {r['tok_s']:,.0f} ({r['tok_s'] / ddp['tok_s']:.2f}) | "
-              f"{r['save']:.2f} | {r['ckpt_mb']:,.0f} |")
+        print(f"| {name} | {r['states']:,.0f} ({r['states'] / ddp['states']:.2f}) | "
+              f"{' / '.join(f'{x:,.0f}' for x in r['peak'])} | {r['rise']:,.0f} ({r['rise'] / ddp['rise']:.2f}) | "
+              f"{r['tok_s']:,.0f} ({r['tok_s'] / ddp['tok_s']:.2f}) | {r['save']:.2f} | {r['ckpt_mb']:,.0f} |")
 
 
 if __name__ == "__main__":

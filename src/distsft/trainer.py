@@ -161,13 +161,6 @@ class DistSFTTrainer(SFTTrainer):
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         started = time.perf_counter()
-        self._save_checkpoint_complete(model, trial)
-        if self.ctx.save_clock is not None:
-            step_time = next((h.get("step_time") for h in reversed(self.ctx.history) if h.get("step_time")), None)
-            self.ctx.save_clock.record(time.perf_counter() - started, self.state.global_step, step_time,
-                                       self.ctx.writer, self.args.device)
-
-    def _save_checkpoint_complete(self, model: Any, trial: Any) -> None:
         path = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
         # An incomplete checkpoint-N from an earlier attempt (killed mid-save, maybe at another world size)
         # must not lend its stale shards to this one: rank 0 removes it before any rank writes.
@@ -196,6 +189,13 @@ class DistSFTTrainer(SFTTrainer):
             checkpoint.rotate(self.args.output_dir, self.ctx.save_total_limit,
                               protect={Path(best)} if best else None)
         dist.barrier()
+        self._record_save(time.perf_counter() - started)
+
+    def _record_save(self, seconds: float) -> None:
+        """save_seconds in metrics.jsonl, and the one-time signal_delay_s warning (saves.SaveClock)."""
+        if self.ctx.save_clock is not None:
+            step_time = next((h["step_time"] for h in reversed(self.ctx.history) if h.get("step_time")), None)
+            self.ctx.save_clock.record(seconds, self.state.global_step, step_time, self.ctx.writer, self.args.device)
 
 
 class PreemptionCallback(TrainerCallback):
