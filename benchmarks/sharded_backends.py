@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -114,7 +115,8 @@ def run_one(cmd: list[str], env: dict[str, str]) -> dict:
     t.join()
     if rc != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({rc}):\n{''.join(text)[-4000:]}")
-    states = [json.loads(x.split(" ", 1)[1]) for x in text if x.startswith("STATE_BYTES ")]
+    # two ranks may print on one line: find each record
+    states = [json.loads(m) for m in re.findall(r"STATE_BYTES (\{[^}]*\})", "".join(text))]
     return {"peak": peak, "base": base, "states": states}
 
 
@@ -124,12 +126,16 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=768)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--work", type=Path, default=C.DEFAULT_WORK / "sharded")
+    ap.add_argument("--only", nargs="*", default=None, help="run only these (ddp, zero3, zero3-before, fsdp)")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     model, n_params = make_model(a.work, a.hidden, a.layers)
     data = C.make_data(C.DEFAULT_WORK, 2000)
     res = {}
     for name, (dist, extra_env) in RUNS.items():
+        short = name.split()[0] + ("-before" if extra_env else "")
+        if a.only and short not in a.only:
+            continue
         print(f"{name} ...", file=sys.stderr, flush=True)
         out = C.fresh(a.work / name.split()[0] / ("before" if extra_env else "after"))
         spec = C.write_spec(a.work / f"{name.split()[0]}.yaml", data=data, output_dir=out, max_steps=a.steps,
@@ -152,7 +158,7 @@ def main() -> None:
                                     if f.is_file()) / 2**20}
         print(f"  {res[name]}", file=sys.stderr, flush=True)
 
-    ddp = res["ddp"]
+    ddp = res.get("ddp") or {"states": float("nan"), "rise": float("nan"), "tok_s": float("nan")}
     print(f"\n`{C.command_line()}`  ")
     print(f"{C.machine()}; {C.versions()}  ")
     print(f"Llama {n_params / 1e6:.1f}M parameters (hidden {a.hidden}, {a.layers} layers), full fine-tuning, fp32, "

@@ -26,10 +26,9 @@ def _storages(obj: Any, seen: dict[int, int], depth: int = 0) -> None:
     if depth > 3 or obj is None:
         return
     if isinstance(obj, torch.Tensor):
-        t = obj
-        local = getattr(t, "_local_tensor", None)  # DTensor: this rank's shard
-        if local is not None:
-            t = local
+        grad = obj.grad  # a DTensor's gradient is a DTensor too (the local tensor has none)
+        t = getattr(obj, "_local_tensor", None)  # DTensor: this rank's shard
+        t = obj if t is None else t
         if hasattr(t, "ds_tensor"):  # ZeRO-3 parameter: the partition this rank holds
             _storages(t.ds_tensor, seen, depth + 1)
         try:
@@ -38,8 +37,8 @@ def _storages(obj: Any, seen: dict[int, int], depth: int = 0) -> None:
                 seen[s.data_ptr()] = s.nbytes()
         except (RuntimeError, NotImplementedError):
             pass
-        if t.grad is not None:
-            _storages(t.grad, seen, depth + 1)
+        if grad is not None:
+            _storages(grad, seen, depth + 1)
         return
     if isinstance(obj, dict):
         for v in obj.values():
