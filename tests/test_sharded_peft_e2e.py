@@ -87,6 +87,10 @@ def test_sharded_adapter_is_saved_trained_and_reloads_with_the_same_eval_loss(tm
     names = {p.name for p in (out / "checkpoint-2").iterdir()}
     assert not {"model.safetensors", "adapter_model.safetensors"} & names, names
     assert ("global_step2" in names) if backend == "zero3" else ("pytorch_model_fsdp_0" in names), names
+    if backend == "fsdp":  # the DCP shards hold the adapter (what a resume loads), not an empty state
+        from torch.distributed.checkpoint import FileSystemReader
+        keys = FileSystemReader(str(out / "checkpoint-2" / "pytorch_model_fsdp_0")).read_metadata().state_dict_metadata
+        assert sum("lora_B" in k for k in keys) == 14, sorted(keys)
     saves = [m for m in h.metrics(out) if "save_seconds" in m]
     assert [m["step"] for m in saves] == [2, 3] and all(m["save_seconds"] > 0 for m in saves)
     warnings = [m["warning"] for m in h.metrics(out) if "signal_delay_s" in m.get("warning", "")]

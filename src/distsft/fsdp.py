@@ -62,14 +62,24 @@ def accelerate_fsdp_config(spec: RunSpec, layers: list[str] | None) -> dict[str,
         "fsdp_reshard_after_forward": d.reshard_after_forward,
         "fsdp_offload_params": d.offload_params,
         "fsdp_state_dict_type": STATE_DICT_TYPE,
-        # FSDP's own activation checkpointing (per wrapped layer) instead of HF's, which under FSDP adds
-        # an all-gather to every recomputed layer (transformers#30404).
-        "fsdp_activation_checkpointing": t.gradient_checkpointing,
+        # FSDP's own activation checkpointing (per wrapped layer) for full fine-tuning, as HF recommends
+        # (transformers#30404). Not with PEFT: its checkpoint wrapper renames every layer's modules
+        # (`_checkpoint_wrapped_module.`), and PEFT, which finds the adapter's keys by module name, then
+        # saves empty adapters (final and DCP checkpoints alike); there HF's own checkpointing is used
+        # (see uses_hf_checkpointing).
+        "fsdp_activation_checkpointing": t.gradient_checkpointing and spec.peft.method == "none",
         # Every rank loads the weights itself before sharding (HF's rank-0-only loading needs the model
         # to be created inside the Trainer, which distsft does not do).
         "fsdp_cpu_ram_efficient_loading": False,
     })
     return cfg
+
+
+def uses_hf_checkpointing(spec: RunSpec) -> bool:
+    """Whether train.gradient_checkpointing goes to HF's (non-reentrant) checkpointing: every backend but
+    FSDP2 full fine-tuning, which uses FSDP's own (accelerate_fsdp_config)."""
+    return spec.train.gradient_checkpointing and not (spec.distributed.backend == "fsdp"
+                                                      and spec.peft.method == "none")
 
 
 def trainer_fsdp_config(spec: RunSpec, layers: list[str]) -> dict[str, Any]:

@@ -164,8 +164,8 @@ def _train(spec: RunSpec, flag: checkpoint.PreemptionFlag) -> int:
         lr_scheduler_type=t.lr_scheduler_type, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
         **_option_args(spec),
         seed=t.seed, data_seed=t.seed, bf16=precision == "bf16", fp16=precision == "fp16",
-        # Under FSDP, activation checkpointing is FSDP's own (fsdp.accelerate_fsdp_config).
-        **_checkpointing_args(t.gradient_checkpointing and spec.distributed.backend != "fsdp"), **fsdp_args,
+        # FSDP2 full fine-tuning checkpoints with FSDP's own wrapper instead (fsdp.accelerate_fsdp_config).
+        **_checkpointing_args(_hf_checkpointing(spec)), **fsdp_args,
         logging_steps=spec.logging.logging_steps, report_to="none", disable_tqdm=True,
         save_strategy="steps" if spec.checkpoint.save_steps else "no", save_steps=spec.checkpoint.save_steps or 500,
         save_total_limit=None,  # distsft rotates, and never removes the newest complete checkpoint
@@ -290,6 +290,11 @@ def _option_args(spec: RunSpec) -> dict[str, Any]:
 
 def run_name(spec: RunSpec) -> str:
     return spec.logging.run_name or Path(spec.output_dir).name
+
+
+def _hf_checkpointing(spec: RunSpec) -> bool:
+    from .fsdp import uses_hf_checkpointing
+    return uses_hf_checkpointing(spec)
 
 
 def _checkpointing_args(enabled: bool) -> dict[str, Any]:
