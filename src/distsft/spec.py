@@ -7,6 +7,7 @@ YAML line when the key came from the file); the CLI turns it into exit code 2.
 from __future__ import annotations
 
 import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,9 +46,40 @@ class ModelSpec(_Section):
         return v
 
 
+class SourceSpec(_Section):
+    """One data source of a mixture (data.sources / data.eval_sources)."""
+    path: str = Field(min_length=1)  # a local file, a save_to_disk directory, or a hub dataset id
+    subset: str | None = None        # hub config name
+    split: str = "train"
+    revision: str | None = None      # hub revision (branch, tag or commit)
+    format: str | None = None        # as data.format; None: data.format
+    columns: dict[str, str] = Field(default_factory=dict)  # {name the format expects: name in this source}
+    fraction: float | None = None    # default 1.0; > 1 repeats examples
+    count: int | None = None         # exactly this many examples (repeats or subsamples)
+
+    @model_validator(mode="after")
+    def _check(self) -> "SourceSpec":
+        if self.fraction is not None and self.count is not None:
+            raise ValueError(f"source {self.path!r}: set fraction or count, not both")
+        if self.fraction is not None and not self.fraction > 0:
+            raise ValueError(f"source {self.path!r}: fraction must be > 0 (got {self.fraction})")
+        if self.count is not None and self.count < 1:
+            raise ValueError(f"source {self.path!r}: count must be >= 1 (got {self.count})")
+        return self
+
+
+class EvalSourceSpec(SourceSpec):
+    label: str | None = None  # default: the file or dataset name
+
+
 class DataSpec(_Section):
-    train_files: list[str] = Field(min_length=1)
+    train_files: list[str] = Field(default_factory=list)  # shorthand for sources with default settings
     eval_files: list[str] = Field(default_factory=list)
+    sources: list[SourceSpec] = Field(default_factory=list)
+    eval_sources: list[EvalSourceSpec] = Field(default_factory=list)
+    # Held out from the training mixture before packing: a fraction in (0, 1) or a count.
+    val_set_size: int | float | None = None
+    num_proc: int | None = Field(None, ge=1)  # tokenizer worker processes; None: the CPUs this process may use
     format: Literal["messages", "sharegpt", "instruction", "prompt_completion", "text"] = "messages"
     # all: every assistant turn as the final render shows it; last: only the final one;
     # split: one example per assistant turn, rendered as the last turn (keeps its reasoning).
@@ -72,6 +104,30 @@ class DataSpec(_Section):
     @classmethod
     def _one_or_many(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _check_sources(self) -> "DataSpec":
+        for short, full in (("train_files", "sources"), ("eval_files", "eval_sources")):
+            if getattr(self, short) and getattr(self, full):
+                raise ValueError(f"set data.{short} or data.{full}, not both ({short} is the shorthand "
+                                 f"for {full} with default settings)")
+        if not self.train_files and not self.sources:
+            raise ValueError("set data.train_files or data.sources (the training data)")
+        formats = typing.get_args(type(self).model_fields["format"].annotation)
+        for key, entries in (("sources", self.sources), ("eval_sources", self.eval_sources)):
+            for i, src in enumerate(entries):
+                if src.format is not None and src.format not in formats:
+                    raise ValueError(f"data.{key}[{i}] ({src.path}): format {src.format!r} is not one of "
+                                     f"{', '.join(formats)}")
+        v = self.val_set_size
+        if v is not None and not ((isinstance(v, int) and v >= 1) or (isinstance(v, float) and 0 < v < 1)):
+            raise ValueError(f"data.val_set_size must be a fraction in (0, 1) or a count >= 1 (got {v!r})")
+        return self
+
+    @property
+    def has_eval(self) -> bool:
+        """Whether any eval set is configured (eval files, eval sources or a validation split)."""
+        return bool(self.eval_files or self.eval_sources or self.val_set_size)
 
 
 class PeftSpec(_Section):
@@ -162,6 +218,8 @@ class DistributedSpec(_Section):
     # until the backward (false, ZeRO-2-like: more memory, one all-gather fewer per layer).
     reshard_after_forward: bool = True
     main_process_port: int | None = Field(None, ge=1024, le=65535)
+    # The process group's timeout for collectives (DDP and DeepSpeed); data builds never run inside one.
+    timeout_minutes: int = Field(30, ge=1)
 
     @model_validator(mode="after")
     def _check(self) -> "DistributedSpec":
@@ -303,8 +361,9 @@ class RunSpec(_Section):
         if self.peft.method == "qlora" and self.train.fp16:
             raise ValueError("peft.method=qlora computes in bf16; set train.fp16: false")
         if self.checkpoint.load_best_at_end:
-            if not (self.data.eval_files and self.train.eval_steps):
-                raise ValueError("checkpoint.load_best_at_end needs data.eval_files and train.eval_steps")
+            if not (self.data.has_eval and self.train.eval_steps):
+                raise ValueError("checkpoint.load_best_at_end needs an eval set (data.eval_files, "
+                                 "data.eval_sources or data.val_set_size) and train.eval_steps")
             if not self.checkpoint.save_steps or self.checkpoint.save_steps % self.train.eval_steps:
                 raise ValueError(f"checkpoint.load_best_at_end needs checkpoint.save_steps "
                                  f"({self.checkpoint.save_steps}) to be a multiple of train.eval_steps "

@@ -10,17 +10,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from itertools import chain
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from distsft.data.cache import cache_key, default_cache_root, load_cached, remember, split_files
+from distsft.data.cache import DATA_FILE, cache_key, default_cache_root, load_cached, remember
 from distsft.data.examples import Encoder
 from distsft.data.formats import _conversation, required_columns
 from distsft.data.packing import pack_bfd
-from distsft.data.sources import _iter_source
+from distsft.data.sources import iter_records
 from distsft.dist import warn
 from distsft.spec import SpecError
 
@@ -40,7 +41,7 @@ def _load(files: list[str], fmt: str, spec: Any, limit: int | None = None) -> tu
     columns = required_columns(spec)
     pairs = []
     for name in files:
-        for pair in _iter_source(str(name), columns):
+        for pair in iter_records(str(name), columns):
             pairs.append(pair)
             if limit and len(pairs) >= limit:
                 return pairs, spec
@@ -160,32 +161,104 @@ def _pack(tok: dict, stats: dict, spec: Any) -> tuple[Any, dict]:
     return ds, stats
 
 
-# --------------------------------------------------------------------------- cache
+# --------------------------------------------------------------------------- the streaming build
+
+def _source_spec(d: Any, src: Any) -> Any:
+    return d.model_copy(update={"format": src.spec.format}) if src.spec.format and src.spec.format != d.format else d
+
+
+def _reader(d: Any, src: Any) -> Any:
+    from distsft.data.sources import Reader
+    sd = _source_spec(d, src)
+    renamed = {new: old for new, old in src.spec.columns.items()}
+    cols = [renamed.get(c, c) for c in required_columns(sd)]
+    return sd, Reader(src.spec.path, src.name, cols, split=src.spec.split, subset=src.spec.subset,
+                      revision=src.spec.revision, chunk=_CHUNK)
+
+
+def open_streams(spec: Any, split: str) -> tuple[list[Any], list[str]]:
+    """The streams a split reads (each source opened and checked, its selection drawn) and the labels
+    of its sets (["train"], or one per eval set)."""
+    from distsft.data import mixture
+    from distsft.data.parallel import Stream
+    d, seed = _data(spec), mixture.seed_of(spec)
+
+    def training() -> list[Any]:
+        out = []
+        for src in mixture.train_sources(spec):
+            sd, reader = _reader(d, src)
+            out.append(Stream(src.name, reader, sd, dict(src.spec.columns), mixture.select(len(reader), src, seed, "train")))
+        return out
+
+    if split == "train":
+        streams = training()
+        if d.val_set_size:
+            mults, _ = mixture.hold_out([s.mult for s in streams], [len(s.reader) for s in streams],
+                                        d.val_set_size, seed, [s.name for s in streams])
+            for s, m in zip(streams, mults):
+                s.mult = m
+        limit = getattr(d, "max_train_examples", None)
+        if limit:
+            for s in streams:
+                m = s.mult if s.mult is not None else np.ones(len(s.reader), dtype=np.uint32)
+                keep = np.clip(limit - (np.cumsum(m, dtype=np.int64) - m), 0, None)
+                s.mult = np.minimum(m, keep).astype(np.uint32)
+                limit = max(0, limit - int(m.sum()))
+        return streams, ["train"]
+    streams, labels = [], []
+    for i, es in enumerate(mixture.eval_sets(spec)):
+        labels.append(es.label)
+        if es.val:
+            train = training()
+            _, masks = mixture.hold_out([s.mult for s in train], [len(s.reader) for s in train],
+                                        d.val_set_size, seed, [s.name for s in train])
+            for s, mask in zip(train, masks):
+                s.mult, s.set_index = mask.astype(np.uint32), i
+                streams.append(s)
+            continue
+        for src in es.sources:
+            sd, reader = _reader(d, src)
+            streams.append(Stream(src.name, reader, sd, dict(src.spec.columns),
+                                  mixture.select(len(reader), src, seed, "eval"), set_index=i))
+    if not streams:
+        raise SpecError("no eval set: set data.eval_files, data.eval_sources or data.val_set_size")
+    return streams, labels
+
 
 def build(spec: Any, tokenizer: Any, split: str, cache_root: str | Path) -> tuple[Any, dict]:
+    """Read, encode (in data.num_proc processes), spill, pack and write one split's cache directory."""
+    import tempfile
+    from distsft.data.parallel import default_num_proc, encode_streams
+    from distsft.data.pack_write import write_packed
+    from distsft.data.progress import BuildProgress
     d = _data(spec)
     key = cache_key(spec, tokenizer, split)
-    limit = getattr(d, "max_train_examples", None) if split == "train" else None
-    pairs, d = _load(split_files(spec, split), d.format, d, limit=limit)
-    tok, stats = _tokenize_arrays(pairs, tokenizer, d)
-    ds, stats = _pack(tok, stats, d)
+    streams, labels = open_streams(spec, split)
     root = Path(cache_root)
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f"{key}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    import datasets
-    quiet = datasets.are_progress_bars_disabled()
-    datasets.disable_progress_bars()
+    # mkdtemp: unique per host and process even on a shared file system (a pid alone is not).
+    spill = Path(tempfile.mkdtemp(prefix=f".{key}.tokens-", dir=root))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=root))
     try:
-        ds.save_to_disk(str(tmp))
-    finally:
-        if not quiet:
-            datasets.enable_progress_bars()
-    (tmp / "stats.json").write_text(json.dumps(stats, indent=1))
-    try:
-        os.rename(tmp, root / key)  # atomic: readers never see a half-written cache
-    except OSError:  # another process finished first; its copy is identical
+        total = sum(s.selected() for s in streams)
+        with BuildProgress(total, f"{split} data") as bar:
+            spilled = encode_streams(streams, tokenizer, d.num_proc or default_num_proc(), spill, bar)
+        for w in sorted(spilled.warnings):
+            warn(w)
+        stats = write_packed(spilled, labels, d, tmp / DATA_FILE)
+        if split == "train":
+            stats["sources"] = [{"path": s.reader.path, "subset": s.reader.subset, "split": s.reader.split,
+                                 "examples": s.examples} for s in streams]
+        (tmp / "stats.json").write_text(json.dumps(stats, indent=1))
+        try:
+            os.rename(tmp, root / key)  # atomic: readers never see a half-written cache
+        except OSError:  # another process finished first; its copy is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(spill, ignore_errors=True)
     cached = load_cached(root, key)
     assert cached is not None
     return cached

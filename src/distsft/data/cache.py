@@ -22,28 +22,18 @@ from typing import Any
 
 from distsft.spec import SpecError
 
-DATA_FORMAT_VERSION = 2  # bump when the cached layout or the labelling rules change
+DATA_FORMAT_VERSION = 3  # bump when the cached layout or the labelling rules change
 INDEX_DIR = "index"
+DATA_FILE = "data.arrow"  # the packed rows: one Arrow IPC stream, memory-mapped by the readers
 # Everything in a model directory can shape the tokenizer (tokenizer*.json, *.model, vocab, merges,
 # chat templates, config.json's model_type, remote code) except the weights, which are large.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
-_SETTINGS = ("format", "messages_column", "instruction_column", "input_column", "output_column",
-             "system_prompt", "max_length", "packing", "overlong", "assistant_turns", "conversations_column",
-             "prompt_column", "completion_column", "text_column")
+# Data settings that cannot change the packed tokens (the sources are fingerprinted on their own).
+_NOT_SETTINGS = {"cache_dir", "num_proc", "train_files", "eval_files", "sources", "eval_sources"}
 
 
 def _data(spec: Any) -> Any:
     return getattr(spec, "data", spec)  # accept a RunSpec or its DataSpec
-
-
-def split_files(spec: Any, split: str) -> list[str]:
-    d = _data(spec)
-    if split not in ("train", "eval"):
-        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-    files = list(d.train_files if split == "train" else d.eval_files)
-    if not files:
-        raise SpecError(f"data.{split}_files is empty")
-    return files
 
 
 def _file_fingerprint(name: str) -> list:
@@ -57,14 +47,33 @@ def _file_fingerprint(name: str) -> list:
     return ["hub-or-missing", name]
 
 
+def _source(src: Any, seed: int) -> dict[str, Any]:
+    sp = src.spec
+    out = {"files": _file_fingerprint(sp.path), **sp.model_dump(exclude={"path"})}
+    if src.random:
+        out["seed"] = seed
+    return out
+
+
 def _inputs(spec: Any, split: str) -> dict[str, Any]:
-    """The part of both keys that needs no tokenizer: format version, files, data settings."""
+    """The part of both keys that needs no tokenizer: format version, sources, data settings."""
+    from distsft.data import mixture
     d = _data(spec)
-    settings = {k: getattr(d, k, None) for k in _SETTINGS}
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    settings = d.model_dump(mode="json", exclude=_NOT_SETTINGS)
+    if split == "eval":
+        settings.pop("max_train_examples", None)
+    seed = mixture.seed_of(spec)
+    train = [_source(s, seed) for s in mixture.train_sources(spec)]
+    val = {"val_set_size": d.val_set_size, "seed": seed} if d.val_set_size else None
     if split == "train":
-        settings["max_train_examples"] = getattr(d, "max_train_examples", None)
-    return {"version": DATA_FORMAT_VERSION, "split": split,
-            "files": [_file_fingerprint(f) for f in split_files(spec, split)], "settings": settings}
+        sources: Any = {"train": train, "val": val}
+    else:
+        sources = [{"label": e.label, **({"val": val, "from": train} if e.val else
+                                         {"sources": [_source(s, seed) for s in e.sources]})}
+                   for e in mixture.eval_sets(spec)]
+    return {"version": DATA_FORMAT_VERSION, "split": split, "sources": sources, "settings": settings}
 
 
 def _digest(obj: Any, n: int = 20) -> str:
@@ -88,10 +97,10 @@ def default_cache_root(spec: Any) -> Path:
 
 def load_cached(cache_root: str | Path, key: str) -> tuple[Any, dict] | None:
     path = Path(cache_root) / key
-    if not (path / "stats.json").is_file():  # written last, so its presence means complete
+    if not (path / "stats.json").is_file() or not (path / DATA_FILE).is_file():  # stats.json comes last
         return None
-    from datasets import load_from_disk
-    return load_from_disk(str(path)), json.loads((path / "stats.json").read_text())
+    from datasets import Dataset
+    return Dataset.from_file(str(path / DATA_FILE)), json.loads((path / "stats.json").read_text())
 
 
 # --------------------------------------------------------------------------- the source-key index

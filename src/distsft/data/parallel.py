@@ -1,0 +1,178 @@
+"""The streaming, parallel half of the build: chunks of records -> tokens and labels on disk.
+
+`encode_streams` walks the streams of a split (each a source reader with its multiplicities) chunk
+by chunk, encodes the chunks in `num_proc` worker processes (a fork Pool whose initializer holds the
+tokenizer; every worker builds its `Encoder`s once) and appends each chunk's tokens and labels to two
+flat int32 files as results come back, in chunk order. At most a few chunks are in flight, so memory
+stays flat whatever the data size; what stays in memory is one length (int32) per example.
+
+The result does not depend on `num_proc`: chunks are cut the same way, encoded by the same function
+and written in chunk order. Within a chunk, `_apply_overlong` (truncate/drop, the first token of an
+example never a target) is per example, so it runs in the workers too.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from distsft.data.sources import Chunk, Reader, chunk_records
+
+_IN_FLIGHT_PER_WORKER = 2
+
+
+@dataclass
+class Stream:
+    """One source as one split reads it: which records, how often, with which DataSpec."""
+    name: str                       # for messages: data.sources[i] (path)
+    reader: Reader
+    spec: Any                       # the DataSpec for this source (its format applied)
+    columns: dict[str, str]         # {name the format expects: name in the source}
+    mult: np.ndarray | None         # copies of each record (None: each once)
+    set_index: int = 0              # which eval set (0 for train)
+    examples: int = 0               # filled by encode_streams: examples it produced
+    kept: int = 0                   # ... and kept (after overlong handling)
+
+    def selected(self) -> int:
+        return len(self.reader) if self.mult is None else int(self.mult.sum())
+
+
+@dataclass
+class Spilled:
+    """The encoded examples of a split, on disk: tokens and labels back to back, lengths in memory."""
+    ids_path: Path
+    labels_path: Path
+    lengths: np.ndarray                       # int32 per kept example
+    set_of: np.ndarray                        # int32 per kept example: its eval set (0 for train)
+    stats: dict[str, int]
+    warnings: set[str] = field(default_factory=set)
+
+
+def default_num_proc() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+# --------------------------------------------------------------------------- in the worker
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init(tokenizer: Any, specs: list[Any]) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one process per core already
+    _WORKER.clear()
+    _WORKER.update(tokenizer=tokenizer, specs=specs, encoders={})
+
+
+def _encoder(i: int) -> Any:
+    enc = _WORKER["encoders"].get(i)
+    if enc is None:
+        from distsft.data.examples import Encoder
+        enc = _WORKER["encoders"][i] = Encoder(_WORKER["tokenizer"], _WORKER["specs"][i])
+    return enc
+
+
+def _rename(pairs: list, columns: dict[str, str], name: str) -> list:
+    if not columns:
+        return pairs
+    for where, rec in pairs:
+        if not isinstance(rec, dict):
+            continue  # the format names the problem
+        for new, old in columns.items():
+            if old not in rec:
+                from distsft.spec import SpecError
+                raise SpecError(f"{where}: no column {old!r} ({name}: columns maps {new!r} to it); "
+                                f"keys are {sorted(rec)}")
+            rec[new] = rec.pop(old)
+    return pairs
+
+
+def encode_chunk(task: tuple[int, Chunk, dict[str, str], str, np.ndarray | None]) -> tuple:
+    """One chunk: read, rename columns, repeat/skip records, encode, handle overlong examples."""
+    from distsft.data.build import _apply_overlong
+    spec_i, chunk, columns, name, mult = task
+    pairs = _rename(chunk_records(chunk), columns, name)
+    if mult is not None:
+        pairs = [p for p, k in zip(pairs, mult.tolist()) for _ in range(k)]
+    spec = _WORKER["specs"][spec_i]
+    enc = _encoder(spec_i)(pairs)
+    tok, stats = _apply_overlong(enc.input_ids, enc.labels.copy(), enc.lengths, spec)
+    return (tok["input_ids"].astype(np.int32, copy=False), tok["labels"].astype(np.int32, copy=False),
+            tok["lengths"].astype(np.int32), int(enc.lengths.size), stats, set(enc.warnings))
+
+
+# --------------------------------------------------------------------------- in the main process
+
+def _tasks(streams: list[Stream], spec_index: list[int]) -> Iterator[tuple[int, tuple]]:
+    for si, s in enumerate(streams):
+        for chunk in s.reader.chunks():
+            mult = None if s.mult is None else s.mult[chunk.first:chunk.first + chunk.n]
+            if mult is not None and not mult.any():
+                continue  # nothing taken from this chunk
+            yield si, (spec_index[si], chunk, s.columns, s.name, mult)
+
+
+def encode_streams(streams: list[Stream], tokenizer: Any, num_proc: int, spill_dir: Path,
+                   progress: Any = None) -> Spilled:
+    specs: list[Any] = []
+    spec_index = []
+    for s in streams:  # one Encoder per distinct DataSpec, built once per worker
+        if s.spec not in specs:
+            specs.append(s.spec)
+        spec_index.append(specs.index(s.spec))
+    ids_path, labels_path = spill_dir / "input_ids.i32", spill_dir / "labels.i32"
+    lengths, sets = [], []
+    totals = {"num_examples": 0, "num_dropped": 0, "num_truncated": 0, "num_tokens": 0, "num_loss_tokens": 0}
+    warnings: set[str] = set()
+    with open(ids_path, "wb") as f_ids, open(labels_path, "wb") as f_labels:
+        def take(si: int, result: tuple) -> None:
+            ids, labels, lens, produced, stats, warn = result
+            ids.tofile(f_ids)
+            labels.tofile(f_labels)
+            lengths.append(lens)
+            sets.append(np.full(lens.size, streams[si].set_index, dtype=np.int32))
+            for k in totals:
+                totals[k] += stats[k]
+            streams[si].examples += produced
+            streams[si].kept += int(lens.size)
+            warnings.update(warn)
+            if progress is not None:
+                progress.advance(produced)
+
+        tasks = _tasks(streams, spec_index)
+        if num_proc <= 1:
+            _init(tokenizer, specs)
+            for si, task in tasks:
+                take(si, encode_chunk(task))
+        else:
+            _run_pool(tasks, tokenizer, specs, num_proc, take)
+    return Spilled(ids_path, labels_path, _concat(lengths), _concat(sets), totals, warnings)
+
+
+def _run_pool(tasks: Iterator, tokenizer: Any, specs: list[Any], num_proc: int, take: Any) -> None:
+    """Results in task order, with a bounded number of tasks in flight (Pool.imap would read every
+    chunk of the sources ahead into its queue)."""
+    # fork: the workers inherit the loaded tokenizer instead of importing transformers again.
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(num_proc, initializer=_init, initargs=(tokenizer, specs)) as pool:
+        pending: deque = deque()
+        for si, task in tasks:
+            pending.append((si, pool.apply_async(encode_chunk, (task,))))
+            if len(pending) >= num_proc * _IN_FLIGHT_PER_WORKER:
+                si0, res = pending.popleft()
+                take(si0, res.get())
+        while pending:
+            si0, res = pending.popleft()
+            take(si0, res.get())
+
+
+def _concat(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, dtype=np.int32)
