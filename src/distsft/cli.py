@@ -1,4 +1,4 @@
-"""The `distsft` command: plan, render, run, submit, sanity.
+"""The `distsft` command: plan, render, run, submit, prepare, sanity.
 
 Every user-caused error (spec, data, command line) ends in one message and exit code 2.
 """
@@ -43,18 +43,11 @@ def _exit_with(command: Any, *args: Any, **kwargs: Any) -> None:
 
 
 def _data_stats(spec: Any) -> tuple[dict[str, Any] | None, str | None]:
-    """Tokenize and pack the training data for the plan when it can be read; otherwise say why."""
-    from .data.cache import cached_stats, default_cache_root
-    warm = cached_stats(spec, "train", default_cache_root(spec))  # packed before: no tokenizer needed
-    if warm is not None:
-        return warm, None
+    """Tokenize and pack the data for the plan when it can be read ({split: stats}); otherwise say why."""
     try:
-        from .job import _configure_logging, prepare_split
-        from .model import load_tokenizer
-        from . import dist
-        _configure_logging(dist.env())
+        from .prepare import prepare_data
         # Local files and the HF cache only: a plan must not hang on hub retries when offline.
-        return prepare_split(spec, load_tokenizer(spec, local_files_only=True), "train")[1], None
+        return prepare_data(spec, local_files_only=True), None
     except SpecError as exc:
         return None, str(exc)
 
@@ -72,7 +65,8 @@ def plan(spec_path: Path = typer.Argument(..., metavar="SPEC"), overrides: Optio
         try:
             spec = load_spec(spec_path, overrides, nodes=nodes, gpus=gpus)
             make_plan(spec)  # batch errors first, before touching data
-            stats, why = (None, "skipped (--no-data)") if no_data else _data_stats(spec)
+            all_stats, why = (None, "skipped (--no-data)") if no_data else _data_stats(spec)
+            stats = all_stats["train"] if all_stats else None
             p = make_plan(spec, stats)
             from .tokens import plan_warnings
             p.warnings += plan_warnings(spec)  # template markers missing from the vocabulary (trl#1668)
@@ -92,9 +86,14 @@ def plan(spec_path: Path = typer.Argument(..., metavar="SPEC"), overrides: Optio
         d["memory"] = mem
         d["data_note"] = why
         d["plots"] = plots
+        from .prepare import figures
+        d.update(figures(all_stats) if all_stats else {"sources": None, "eval_sets": None})
         typer.echo(json.dumps(d, indent=1, default=str))
         return
     _print_plan(spec, p, mem, why, plots)
+    if all_stats:
+        from .prepare import describe
+        Console().print("\n".join(describe(all_stats)), highlight=False, soft_wrap=True)
 
 
 def _plots(spec: Any, p: Any, stats: dict[str, Any] | None) -> list[str]:
@@ -199,13 +198,23 @@ def submit(spec_path: Path = typer.Argument(..., metavar="SPEC"), overrides: Opt
            time_min: Optional[int] = typer.Option(None, "--time", min=1, help="time limit in minutes"),
            constraint: Optional[str] = typer.Option(None, "--constraint"),
            wait: bool = typer.Option(False, "--wait", help="follow rank 0's log; exit with the job's outcome"),
-           dry_run: bool = typer.Option(False, "--dry-run", help="print the sbatch script and command only")) -> None:
-    """Submit to SLURM through submitit (validated and planned first)."""
+           dry_run: bool = typer.Option(False, "--dry-run", help="print the sbatch script and command only"),
+           no_prepare: bool = typer.Option(False, "--no-prepare",
+                                           help="do not build the data caches here; the job's ranks build them")) -> None:
+    """Submit to SLURM through submitit: validated, planned and the data prepared on this host first."""
     from .slurm import submit as submit_job
     extra = [f"slurm.{k}={v}" for k, v in (("partition", partition), ("account", account), ("qos", qos),
                                             ("time_min", time_min), ("constraint", constraint)) if v is not None]
     _exit_with(submit_job, str(spec_path), (overrides or []) + extra, nodes=nodes, gpus=gpus, wait=wait,
-               dry_run=dry_run)
+               dry_run=dry_run, prepare=not no_prepare)
+
+
+@app.command()
+def prepare(spec_path: Path = typer.Argument(..., metavar="SPEC"), overrides: Optional[list[str]] = OVERRIDES,
+            nodes: Optional[int] = NODES, gpus: Optional[int] = GPUS) -> None:
+    """Build the train and eval data caches now (before any job) and print the data figures."""
+    from .prepare import run as run_prepare
+    _exit_with(run_prepare, str(spec_path), overrides or [], nodes, gpus)
 
 
 @app.command()

@@ -6,6 +6,7 @@ Exit codes: 0 done; 2 bad spec/data (one message); 75 stopped on a signal after 
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import sys
@@ -33,22 +34,36 @@ def cache_root(spec: RunSpec) -> Path:
 
 
 def prepare_split(spec: RunSpec, tokenizer: Any, split: str) -> tuple[Any, dict[str, Any]]:
-    """Tokenize + mask + pack once per job: rank 0 builds the Arrow cache, the others wait and memory-map
-    it. Without a shared file system, each node's first rank builds its own copy."""
+    """Tokenize + mask + pack once: usually `distsft run`/`submit`/`prepare` built the cache already and
+    this memory-maps it. When it is missing (another host's cache directory, --no-prepare), each node's
+    first rank builds it while the node's other ranks wait on the file system -- never in a collective,
+    whose timeout a long build would exceed."""
     from . import data
     from .data import cache as data_cache
     e, root = dist.env(), cache_root(spec)
     key = data_cache.cache_key(spec, tokenizer, split)
-    if e.is_main and data_cache.load_cached(root, key) is None:
-        data.build(spec, tokenizer, split, root)
-    dist.barrier()
     found = data_cache.load_cached(root, key)
     if found is None and e.is_local_main:
+        if e.world_size > 1:
+            dist.warn(f"rank {e.rank}: the {split} data cache is missing in {root}; building it on this node "
+                      "(run `distsft prepare` first to build it once, before the job)")
         found = data.build(spec, tokenizer, split, root)
-    if found is not None and e.is_local_main:
+    elif found is None:
+        found = _wait_for_cache(root, key, split)
+    if e.is_local_main:
         data_cache.remember(spec, split, root, key)  # lets the next `distsft run` skip the tokenizer
-    dist.barrier()
-    return found if found is not None else data_cache.load_cached(root, key)
+    return found
+
+
+def _wait_for_cache(root: Path, key: str, split: str, poll_s: float = 2.0) -> tuple[Any, dict[str, Any]]:
+    """Poll for the cache the node's first rank is building. If that rank fails, the launcher
+    (torchrun, srun --kill-on-bad-exit) stops this one."""
+    from .data import cache as data_cache
+    while True:
+        found = data_cache.load_cached(root, key)
+        if found is not None:
+            return found
+        time.sleep(poll_s)
 
 
 def _configure_logging(e: dist.DistEnv) -> None:
@@ -111,7 +126,7 @@ def _train(spec: RunSpec, flag: checkpoint.PreemptionFlag) -> int:
     from .schedules import scheduler_kwargs
     from .progress import Progress
     from .saves import SaveClock
-    from .render import render_deepspeed, resolve_precision
+    from .render import process_group_timeout_s, render_deepspeed, resolve_precision
     from .data.sampler import GlobalOrder
     from .trainer import DistSFTTrainer, PreemptionCallback, RunContext, SinkCallback
     from .diagnostics import Diagnostics
@@ -132,7 +147,7 @@ def _train(spec: RunSpec, flag: checkpoint.PreemptionFlag) -> int:
     batch = batch_for(spec, world_size=e.world_size)
     t = spec.train
     # The process group first, so that rank 0 decides for all ranks (lock, shared view, resume).
-    dist.init_early(cuda)
+    dist.init_early(cuda, timeout_s=process_group_timeout_s(spec))
     dist.agree(lambda: None if dist.launcher_holds_lock() else lock.acquire())
     shared_view.check(out)
     if e.is_main:
@@ -169,20 +184,22 @@ def _train(spec: RunSpec, flag: checkpoint.PreemptionFlag) -> int:
         logging_steps=spec.logging.logging_steps, report_to="none", disable_tqdm=True,
         save_strategy="steps" if spec.checkpoint.save_steps else "no", save_steps=spec.checkpoint.save_steps or 500,
         save_total_limit=None,  # distsft rotates, and never removes the newest complete checkpoint
-        eval_strategy="steps" if (t.eval_steps and spec.data.eval_files) else "no", eval_steps=t.eval_steps,
+        eval_strategy="steps" if (t.eval_steps and spec.data.has_eval) else "no", eval_steps=t.eval_steps,
         load_best_model_at_end=spec.checkpoint.load_best_at_end, metric_for_best_model="eval_loss",
         greater_is_better=False, ignore_data_skip=True, remove_unused_columns=False, packing=False,
         dataset_kwargs={"skip_prepare_dataset": True}, average_tokens_across_devices=True,
         use_cpu=not cuda, ddp_backend=None if cuda or e.world_size == 1 else "gloo", ddp_find_unused_parameters=False,
         deepspeed=ds_config,
         dataloader_num_workers=0, max_length=spec.data.max_length, save_only_model=False,
+        ddp_timeout=process_group_timeout_s(spec),
     )
     device = args.device  # initialises the process group (gloo on CPU, NCCL on GPU)
     if spec.distributed.backend == "deepspeed" and e.world_size > 1:
         # ZeRO-3 partitions weights while from_pretrained loads them (zero.Init), which asks
         # deepspeed.comm for the world size: it must wrap the process group before the model loads.
         import deepspeed
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo",
+                                   timeout=datetime.timedelta(seconds=process_group_timeout_s(spec)))
     dist.print0(f"distsft: world size {e.world_size} ({e.num_nodes} node(s)), "
                 f"{'GPU' if cuda else 'CPU'} {'fp32' if precision == 'no' else precision}, attention {attn}, backend {spec.distributed.backend}"
                 f"{' ZeRO-' + str(spec.distributed.stage) if spec.distributed.backend == 'deepspeed' else ''}"
@@ -191,8 +208,10 @@ def _train(spec: RunSpec, flag: checkpoint.PreemptionFlag) -> int:
                 f"{batch.gradient_accumulation_steps} × {e.world_size}")
 
     tokenizer = model_lib.load_tokenizer(spec)
+    # No collective around a build: a node's first rank builds a missing cache while the node's other
+    # ranks poll the file system (prepare_split), so all of them reach the next collective together.
     train_ds, stats = prepare_split(spec, tokenizer, "train")
-    eval_ds = prepare_split(spec, tokenizer, "eval")[0] if spec.data.eval_files else None
+    eval_ds = _eval_sets(*prepare_split(spec, tokenizer, "eval")) if spec.data.has_eval else None
     data_key = _train_data_key(spec, tokenizer)
     if marker is not None:
         dist.agree(lambda: check_data_unchanged(marker, data_key))
@@ -295,6 +314,15 @@ def run_name(spec: RunSpec) -> str:
 def _hf_checkpointing(spec: RunSpec) -> bool:
     from .fsdp import uses_hf_checkpointing
     return uses_hf_checkpointing(spec)
+
+
+def _eval_sets(ds: Any, stats: dict[str, Any]) -> Any:
+    """The eval cache as the trainer takes it: one dataset, or {label: rows} when there are several sets
+    (each set's rows are contiguous, see data.pack_write)."""
+    sets = stats.get("eval_sets") or []
+    if len(sets) <= 1:
+        return ds
+    return {s["label"]: ds.select(range(*s["rows"])) for s in sets}
 
 
 def _checkpointing_args(enabled: bool) -> dict[str, Any]:

@@ -49,7 +49,7 @@ def prepare(spec: RunSpec, cuda: bool) -> dict[str, Any]:
         _configure_logging(dist.env())
         tokenizer = load_tokenizer(spec)
         _, stats = prepare_split(spec, tokenizer, "train")
-        if spec.data.eval_files:
+        if spec.data.has_eval:
             prepare_split(spec, tokenizer, "eval")
         key = _train_data_key(spec, tokenizer)
     else:
@@ -84,11 +84,9 @@ def _cached_train_key(spec: RunSpec) -> str | None:
 def _cached_stats(spec: RunSpec) -> dict[str, Any] | None:
     """The train split's stats when every split was already packed from these exact sources: the warm
     path, which skips loading the tokenizer (and importing transformers) just to find the cache."""
-    from .data.cache import cached_stats, default_cache_root
-    root = default_cache_root(spec)
-    splits = ["train"] + (["eval"] if spec.data.eval_files else [])
-    found = [cached_stats(spec, split, root) for split in splits]
-    return found[0] if all(s is not None for s in found) else None
+    from .prepare import cached
+    found = cached(spec)
+    return found["train"] if found else None
 
 
 def _rank_processes(child: subprocess.Popen) -> list[psutil.Process]:

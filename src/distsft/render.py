@@ -167,6 +167,13 @@ def render_accelerate(spec: RunSpec, batch: Batch, precision: str, *, cuda: bool
     return cfg
 
 
+def process_group_timeout_s(spec: RunSpec) -> int:
+    """distributed.timeout_minutes in seconds: the ranks pass it as TrainingArguments.ddp_timeout, which
+    accelerate gives to torch's init_process_group (DDP) and to deepspeed.init_distributed (DeepSpeed);
+    job.py gives it to its own deepspeed.init_distributed call too. No data build runs inside it."""
+    return int(spec.distributed.timeout_minutes) * 60
+
+
 def launch_env(spec: RunSpec, cuda: bool) -> dict[str, str]:
     """Environment for `accelerate launch` with a rendered file (see the module docstring)."""
     if not cuda and spec.distributed.backend == "ddp":

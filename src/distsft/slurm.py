@@ -257,7 +257,7 @@ def _sbatch_message(exc: BaseException) -> str:
 
 
 def submit(spec_path: str, overrides: list[str], nodes: int | None, gpus: int | None, wait: bool,
-           dry_run: bool) -> int:
+           dry_run: bool, prepare: bool = True) -> int:
     from .plan import make_plan
     from .render import write_run_dir
     spec = load_spec(spec_path, overrides, nodes=nodes, gpus=gpus)
@@ -281,6 +281,13 @@ def submit(spec_path: str, overrides: list[str], nodes: int | None, gpus: int | 
         return _print_dry_run(folder, params, run_yaml, plan, gpus_found)
 
     _check_account(spec.slurm.account)
+    if prepare:
+        # On this host, before anything is queued: bad data is exit 2 here, not a failed job holding GPUs,
+        # and the ranks find the caches built (job.prepare_split builds only what is missing).
+        from .prepare import describe, prepare_data
+        stats = prepare_data(spec)
+        plan = make_plan(spec, stats["train"])
+        print("\n".join(describe(stats)), flush=True)
     lock = checkpoint.OutputLock(out)
     lock.acquire()  # refuse at once if a job on this machine trains into the same output_dir
     try:

@@ -118,14 +118,27 @@ class DistSFTTrainer(SFTTrainer):
     def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None,
                  metric_key_prefix: str = "eval") -> dict[str, float]:
         """Token-weighted mean loss over the whole eval set, whatever the batch size, packing or process
-        count: every rank sums token losses over its rows, then one all-reduce."""
+        count: every rank sums token losses over its rows, then one all-reduce. With several eval sets
+        ({label: rows}), `eval_loss` is token-weighted over all of them together and `eval_<label>_loss`
+        is each set's own."""
         ds = self.eval_dataset if eval_dataset is None else eval_dataset
         if ds is None:
             return {}
-        e = dist.env()
+        sets = ds if isinstance(ds, dict) else {None: ds}
         model = self.model
         was_training = model.training
         model.eval()
+        sums = {label: self._eval_loss_sums(part) for label, part in sets.items()}
+        metrics = eval_metrics(sums, metric_key_prefix)
+        self.log(metrics)  # still in eval mode, so TRL files it as an eval record
+        model.train(was_training)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def _eval_loss_sums(self, ds: Any) -> tuple[float, float]:
+        """(sum of token losses, loss tokens) over one eval set, reduced over all ranks."""
+        e = dist.env()
+        model = self.model
         total, count = 0.0, 0.0
         shards = eval_shards(len(ds), self.ctx.eval_batch, e.world_size, e.rank)
         with torch.no_grad(), self.compute_loss_context_manager():
@@ -143,12 +156,7 @@ class DistSFTTrainer(SFTTrainer):
                     total += float(token_loss)
                     count += float(n_tokens)
         total, count = dist.all_reduce([total, count], "sum", device=self.args.device)
-        metrics = {f"{metric_key_prefix}_loss": total / count if count else float("nan"),
-                   f"{metric_key_prefix}_tokens": count}
-        self.log(metrics)  # still in eval mode, so TRL files it as an eval record
-        model.train(was_training)
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
-        return metrics
+        return total, count
 
     # ------------------------------------------------------------------ checkpoints
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
@@ -196,6 +204,18 @@ class DistSFTTrainer(SFTTrainer):
         if self.ctx.save_clock is not None:
             step_time = next((h["step_time"] for h in reversed(self.ctx.history) if h.get("step_time")), None)
             self.ctx.save_clock.record(seconds, self.state.global_step, step_time, self.ctx.writer, self.args.device)
+
+
+def eval_metrics(sums: dict[Any, tuple[float, float]], prefix: str = "eval") -> dict[str, float]:
+    """`<prefix>_loss` token-weighted over all sets together; `<prefix>_<label>_loss` per set when there
+    are several (sums: label -> (sum of token losses, tokens))."""
+    total = sum(t for t, _ in sums.values())
+    count = sum(c for _, c in sums.values())
+    out = {f"{prefix}_loss": total / count if count else float("nan"), f"{prefix}_tokens": count}
+    if len(sums) > 1:
+        for label, (t, c) in sums.items():
+            out[f"{prefix}_{label}_loss"] = t / c if c else float("nan")
+    return out
 
 
 class PreemptionCallback(TrainerCallback):
