@@ -225,8 +225,9 @@ def test_bad_data_on_the_nodes_is_reported_within_a_minute(slurm_cluster: SlurmC
     bad.write_text("\n".join(lines[:20] + ['{"messages": [oops'] + lines[20:40]) + "\n")
     spec = h.write_spec(tmp_path / "spec.yaml", tmp_path / "run")
     t0 = time.monotonic()
-    # The submit command does not read the data; the ranks do, on the nodes.
-    p = distsft("submit", spec, "--nodes", 2, "--gpus", 1, "--wait", f"data.train_files={bad}",
+    # --no-prepare: the submit command does not read the data; the ranks do, on the nodes (without it,
+    # submit fails on this host with exit 2 before queuing: tests/test_prepare_slurm_e2e.py).
+    p = distsft("submit", spec, "--nodes", 2, "--gpus", 1, "--wait", "--no-prepare", f"data.train_files={bad}",
                 env=submit_env(cache_dir), timeout=120)
     assert time.monotonic() - t0 < 60, p.stdout[-2000:]
     assert p.returncode == 2, p.stdout[-3000:] + p.stderr[-3000:]

@@ -25,6 +25,9 @@ import numpy as np
 from distsft.data.sources import Chunk, Reader, chunk_records
 
 _IN_FLIGHT_PER_WORKER = 2
+# Starting workers costs seconds (a fresh interpreter imports the tokenizer); below this many chunks
+# the build runs in this process. The result is the same either way.
+MIN_CHUNKS_FOR_WORKERS = 4
 
 
 @dataclass
@@ -148,7 +151,8 @@ def encode_streams(streams: list[Stream], tokenizer: Any, num_proc: int, spill_d
                 progress.advance(produced)
 
         tasks = _tasks(streams, spec_index)
-        if num_proc <= 1:
+        chunks = sum(-(-len(s.reader) // s.reader.chunk) for s in streams)
+        if num_proc <= 1 or chunks < MIN_CHUNKS_FOR_WORKERS:
             _init(tokenizer, specs)
             for si, task in tasks:
                 take(si, encode_chunk(task))
@@ -160,8 +164,11 @@ def encode_streams(streams: list[Stream], tokenizer: Any, num_proc: int, spill_d
 def _run_pool(tasks: Iterator, tokenizer: Any, specs: list[Any], num_proc: int, take: Any) -> None:
     """Results in task order, with a bounded number of tasks in flight (Pool.imap would read every
     chunk of the sources ahead into its queue)."""
-    # fork: the workers inherit the loaded tokenizer instead of importing transformers again.
-    ctx = multiprocessing.get_context("fork")
+    # forkserver, not fork: this process has threads (torch's, the tokenizer's, a rank's), and a child
+    # forked while one of them holds a lock can hang. The server is a fresh interpreter that imports
+    # the main module and the tokenizer's once; every worker forks from it and unpickles the tokenizer.
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["__main__", "distsft.data.parallel", "distsft.data.examples", type(tokenizer).__module__])
     with ctx.Pool(num_proc, initializer=_init, initargs=(tokenizer, specs)) as pool:
         pending: deque = deque()
         for si, task in tasks:
