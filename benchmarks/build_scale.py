@@ -59,10 +59,48 @@ def make_chats(n: int, seed: int = 11) -> Path:
     return path
 
 
+class Descendants:
+    """Peak RSS (VmHWM) and CPU time of every descendant process, polled every 0.2 s: the build's
+    workers fork from a forkserver, so they are not this process' children for getrusage."""
+
+    def __init__(self) -> None:
+        import threading
+        self.hwm: dict[int, float] = {}
+        self.cpu: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        import psutil
+        me = psutil.Process()
+        while not self._stop.wait(0.2):
+            for p in me.children(recursive=True):
+                try:
+                    status = Path(f"/proc/{p.pid}/status").read_text()
+                    hwm = next(int(x.split()[1]) for x in status.splitlines() if x.startswith("VmHWM"))
+                    t = p.cpu_times()
+                    self.hwm[p.pid] = max(self.hwm.get(p.pid, 0), hwm / 1024)
+                    self.cpu[p.pid] = t.user + t.system
+                except (OSError, StopIteration, psutil.Error):
+                    continue
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        return {"worker_rss_mb": max(self.hwm.values(), default=0.0), "workers": len(self.hwm),
+                "worker_rss_sum_mb": sum(self.hwm.values()), "worker_cpu_s": sum(self.cpu.values()),
+                "worker_cpu_max_s": max(self.cpu.values(), default=0.0)}
+
+
+_WATCH: Descendants | None = None
+
+
 def _peaks() -> dict:
-    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return {"rss_mb": me.ru_maxrss / 1024, "worker_rss_mb": kids.ru_maxrss / 1024,
-            "cpu_s": me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime}
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = _WATCH.stop() if _WATCH else {}
+    return {"rss_mb": me.ru_maxrss / 1024, "cpu_s": me.ru_utime + me.ru_stime + kids.get("worker_cpu_s", 0.0),
+            **kids}
 
 
 def child_distsft(data: Path, num_proc: int, max_length: int) -> dict:
@@ -152,12 +190,16 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=2048)
     ap.add_argument("--skip-large", action="store_true")
     ap.add_argument("--skip-old", action="store_true")
+    ap.add_argument("--runs", default="two,one,trl,old,large",
+                    help="which measurements: two / one (distsft, 2 workers / 1 process, small), trl, old, large")
     ap.add_argument("--child", choices=["distsft", "trl", "old"])
     ap.add_argument("--data", type=Path)
     ap.add_argument("--num-proc", type=int, default=1)
     ap.add_argument("--out")
     a = ap.parse_args()
     if a.child:
+        global _WATCH
+        _WATCH = Descendants()
         if a.child == "distsft":
             res = child_distsft(a.data, a.num_proc, a.max_length)
         elif a.child == "old":
@@ -168,10 +210,15 @@ def main() -> None:
         return
     WORK.mkdir(parents=True, exist_ok=True)
     small = make_chats(a.small)
-    runs = [("distsft", a.small, small, 2), ("distsft", a.small, small, 1), ("trl", a.small, small, 2)]
-    if not a.skip_old:
-        runs.append(("old", a.small, small, 1))
-    if not a.skip_large:
+    want = set(a.runs.split(","))
+    if a.skip_old:
+        want.discard("old")
+    if a.skip_large:
+        want.discard("large")
+    runs = [r for name, r in (("two", ("distsft", a.small, small, 2)), ("one", ("distsft", a.small, small, 1)),
+                              ("trl", ("trl", a.small, small, 2)), ("old", ("old", a.small, small, 1)))
+            if name in want]
+    if "large" in want:
         runs.append(("distsft", a.large, make_chats(a.large), 2))
     res = {}
     load = os.getloadavg()
@@ -180,23 +227,31 @@ def main() -> None:
         src = old_source() if kind == "old" else ""
         res[(kind, n, procs)] = r = run_child(kind, path, a.max_length, procs, src)
         print(f"  {r}", file=sys.stderr, flush=True)
-    print(f"\n`python benchmarks/build_scale.py --small {a.small} --large {a.large} --max-length {a.max_length}"
-          f"{' --skip-large' if a.skip_large else ''}{' --skip-old' if a.skip_old else ''}`  ")
+    print(f"\n`python benchmarks/build_scale.py --small {a.small} --large {a.large} --max-length {a.max_length} "
+          f"--runs {','.join(sorted(want))}`  ")
     print(f"{os.cpu_count()} CPU cores (affinity {len(os.sched_getaffinity(0))}), load average at start "
           f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (shared machine), tokenizer {TINY.name}, "
           f"max_length {a.max_length}\n")
     print("| build | chats | processes | seconds | chats/s | tokens | rows | rows / lower bound | "
-          "peak RSS main, MB | peak RSS largest worker, MB | CPU s (all processes) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "peak RSS main, MB | peak RSS per worker (max), MB | peak RSS main + workers, MB | CPU s (all processes) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     names = {"distsft": "distsft streaming", "trl": "TRL SFTTrainer prep", "old": f"distsft before ({OLD_REV})"}
     for (kind, n, procs), r in res.items():
         print(f"| {names[kind]} | {n:,} | {procs} | {r['seconds']:.1f} | {n / r['seconds']:,.0f} | {r['tokens']:,} | "
               f"{r['rows']:,} | {r['rows'] / r['lower_bound']:.5f} | {r['rss_mb']:,.0f} | {r['worker_rss_mb']:,.0f} | "
-              f"{r['cpu_s']:.1f} |")
-    two, one, trl = res[("distsft", a.small, 2)], res[("distsft", a.small, 1)], res[("trl", a.small, 2)]
-    print(f"\n2 workers vs 1 process: {one['seconds'] / two['seconds']:.2f}x; distsft (2 workers) vs TRL "
-          f"(dataset_num_proc=2): {trl['seconds'] / two['seconds']:.2f}x")
-    if ("distsft", a.large, 2) in res:
+              f"{r['rss_mb'] + r.get('worker_rss_sum_mb', 0):,.0f} | {r['cpu_s']:.1f} |")
+    two, one, trl = (res.get(("distsft", a.small, 2)), res.get(("distsft", a.small, 1)),
+                     res.get(("trl", a.small, 2)))
+    if two and one:
+        # On a shared machine with autogroup scheduling, a session gets a share of the cores whatever its
+        # process count; the busiest process' CPU time is the wall time the build needs on free cores.
+        busiest = max(two.get("worker_cpu_max_s", 0.0), two["cpu_s"] - two.get("worker_cpu_s", 0.0))
+        print(f"\n2 workers vs 1 process: {one['seconds'] / two['seconds']:.2f}x wall; CPU seconds "
+              f"{two['cpu_s']:.0f} (all processes) vs {one['cpu_s']:.0f}; busiest process {busiest:.0f} CPU s, "
+              f"so on 2 free cores {one['cpu_s'] / busiest:.2f}x")
+    if two and trl:
+        print(f"distsft (2 workers) vs TRL (dataset_num_proc=2): {trl['seconds'] / two['seconds']:.2f}x wall")
+    if two and ("distsft", a.large, 2) in res:
         big = res[("distsft", a.large, 2)]
         print(f"peak RSS (main) at {a.large:,} / at {a.small:,}: {big['rss_mb'] / two['rss_mb']:.3f} "
               f"({big['rss_mb'] / 1024:.2f} GB at {a.large:,})")
