@@ -20,6 +20,7 @@ import numpy as np
 from distsft.data.cache import DATA_FILE, cache_key, default_cache_root, load_cached, remember
 from distsft.data.examples import Encoder
 from distsft.data.formats import _conversation, required_columns
+from distsft.data.pack_write import histogram
 from distsft.data.packing import pack_bfd
 from distsft.data.sources import iter_records
 from distsft.dist import warn
@@ -113,13 +114,6 @@ def _offsets(lens: np.ndarray) -> np.ndarray:
     return np.concatenate(([0], np.cumsum(lens))).astype(np.int64)
 
 
-def _histogram(lens: np.ndarray, bins: int = 50) -> dict:
-    if lens.size == 0:
-        return {"bin_edges": [], "counts": []}
-    counts, edges = np.histogram(lens, bins=min(bins, max(1, int(lens.max() - lens.min()) or 1)))
-    return {"bin_edges": [round(float(e), 2) for e in edges], "counts": counts.tolist()}
-
-
 def tokenize(dataset: Any, tokenizer: Any, spec: Any) -> tuple[Any, dict]:
     """Columns input_ids, labels (-100 outside assistant turns), length; plus per-example stats."""
     spec = _data(spec)
@@ -132,7 +126,7 @@ def tokenize(dataset: Any, tokenizer: Any, spec: Any) -> tuple[Any, dict]:
     off = _offsets(tok["lengths"])
     ds = _dataset({"input_ids": _list_array(off, tok["input_ids"]), "labels": _list_array(off, tok["labels"]),
                    "length": tok["lengths"].astype(np.int32)})
-    stats["length_histogram"] = _histogram(tok["lengths"])
+    stats["length_histogram"] = histogram(tok["lengths"])
     return ds, stats
 
 
@@ -157,7 +151,7 @@ def _pack(tok: dict, stats: dict, spec: Any) -> tuple[Any, dict]:
              "packing_efficiency": round(stats["num_tokens"] / (n_rows * max_len), 6),
              "lower_bound_rows": int(-(-stats["num_tokens"] // max_len)),
              "mean_length": round(float(lens.mean()), 2), "max_example_length": int(lens.max()),
-             "length_histogram": _histogram(lens)}
+             "length_histogram": histogram(lens)}
     return ds, stats
 
 

@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import os
+import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -164,14 +165,19 @@ def remember(spec: Any, split: str, cache_root: str | Path, key: str) -> None:
     if sk is None:
         return
     index = Path(cache_root) / INDEX_DIR
-    tmp = index / f".{sk}.tmp-{os.getpid()}"
+    tmp = None
     try:
         index.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(key)
+        # mkstemp: unique per host and process on a shared file system (a pid alone is not)
+        fd, name = tempfile.mkstemp(prefix=f".{sk}.tmp-", dir=index)
+        tmp = Path(name)
+        with os.fdopen(fd, "w") as f:
+            f.write(key)
         os.replace(tmp, index / sk)
     except OSError:  # e.g. a shared, read-only cache: only the next start's shortcut is lost
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
 
 
 def cached_stats(spec: Any, split: str, cache_root: str | Path) -> dict | None:
