@@ -27,13 +27,12 @@ def check_masking(spec: RunSpec, n: int = 3) -> tuple[list[tuple[str, str]], dic
     (data.inspect: each labelled span holds its turn's answer and ends where it ends, and a second way
     of locating the spans agrees), and the data stats."""
     from . import data, model as model_lib
-    from .data.build import _load
-    from .data.cache import split_files
+    from .data.build import sample_records
     from .data.inspect import check_records
     from .job import cache_root
     tok = model_lib.load_tokenizer(spec)
     ds, stats = data.prepare(spec, tok, "train", cache_root(spec))
-    pairs, d = _load(split_files(spec, "train"), spec.data.format, spec.data, limit=n)
+    pairs, d = sample_records(spec, n)
 
     results = check_records(tok, d, pairs, show=lambda t: console.print(escape(t), highlight=False))
     share = stats["num_loss_tokens"] / max(1, stats["num_tokens"])

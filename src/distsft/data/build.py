@@ -219,6 +219,15 @@ def open_streams(spec: Any, split: str) -> tuple[list[Any], list[str]]:
     return streams, labels
 
 
+def sample_records(spec: Any, n: int) -> tuple[list, Any]:
+    """The first `n` records of the first training source (columns renamed) and its DataSpec."""
+    from distsft.data.parallel import _rename
+    from distsft.data.sources import chunk_records
+    s = open_streams(spec, "train")[0][0]
+    chunk = next(s.reader.chunks())
+    return _rename(chunk_records(chunk)[:n], s.columns, s.name), s.spec
+
+
 def build(spec: Any, tokenizer: Any, split: str, cache_root: str | Path) -> tuple[Any, dict]:
     """Read, encode (in data.num_proc processes), spill, pack and write one split's cache directory."""
     import tempfile
