@@ -16,7 +16,7 @@ import pytest
 
 import helpers as h
 from distsft import checkpoint, ports, universal
-from distsft.job import check_data_unchanged, check_resume_compatible
+from distsft.resume import check_data_unchanged, check_resume_compatible
 from distsft.outlock import STALE_S, OutputLock
 from distsft.plan import batch_for, steps
 from distsft.spec import SpecError, load_spec
@@ -249,7 +249,7 @@ AGREE = r"""
 import json, sys
 from pathlib import Path
 from distsft import dist
-from distsft.job import _resume_decision
+from distsft.resume import decide as _resume_decision
 from distsft.plan import batch_for
 from distsft.spec import load_spec
 spec_path, out = sys.argv[1], Path(sys.argv[2])

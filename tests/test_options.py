@@ -192,7 +192,7 @@ def test_kernel_options_reach_sftconfig(tmp_path):
 
 
 def test_resuming_with_another_optimizer_is_refused():
-    from distsft.job import check_resume_compatible
+    from distsft.resume import check_resume_compatible
     from distsft.plan import batch_for
     spec = _spec({"optim": "adamw_torch", "global_batch_size": 8})
     marker = {"global_batch_size": 8, "seed": 42, "optim": "adamw_8bit"}

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import checkpoint, dist, hardware, shared_view, universal
+from .resume import check_data_unchanged, decide as decide_resume, train_data_key
 from .checkpoint import EXIT_PREEMPTED
 from .spec import RunSpec, SpecError, load_spec
 
@@ -152,7 +153,7 @@ def _train(spec: RunSpec, flag: checkpoint.PreemptionFlag) -> int:
     shared_view.check(out)
     if e.is_main:
         checkpoint.clear_preempted(out)  # this attempt, whatever happens to it, is not the preempted one
-    resume, load_universal, marker = _resume_decision(spec, out, batch, e.world_size)
+    resume, load_universal, marker = decide_resume(spec, out, batch, e.world_size)
     ds_config = render_deepspeed(spec, batch, precision) if spec.distributed.backend == "deepspeed" else None
     if load_universal:
         ds_config = universal.with_load_universal(ds_config)
@@ -212,7 +213,7 @@ def _train(spec: RunSpec, flag: checkpoint.PreemptionFlag) -> int:
     # ranks poll the file system (prepare_split), so all of them reach the next collective together.
     train_ds, stats = prepare_split(spec, tokenizer, "train")
     eval_ds = _eval_sets(*prepare_split(spec, tokenizer, "eval")) if spec.data.has_eval else None
-    data_key = _train_data_key(spec, tokenizer)
+    data_key = train_data_key(spec, tokenizer)
     if marker is not None:
         dist.agree(lambda: check_data_unchanged(marker, data_key))
     # Too little data for one global batch is one message (rank 0's), not one per rank.
@@ -332,70 +333,6 @@ def _checkpointing_args(enabled: bool) -> dict[str, Any]:
     name = "activation_checkpointing" if "activation_checkpointing" in SFTConfig.__dataclass_fields__ \
         else "gradient_checkpointing"
     return {name: enabled, f"{name}_kwargs": {"use_reentrant": False} if enabled else None}
-
-
-def _resume_decision(spec: RunSpec, out: Path, batch: Any, world_size: int) -> tuple[Path | None, bool, Any]:
-    """Rank 0 resolves the checkpoint to resume from, checks it fits this run, and decides whether it
-    loads through the universal checkpoint (a ZeRO checkpoint from another process count); every rank
-    gets that one decision (checkpoint path, load_universal, its marker)."""
-    def decide() -> tuple[str | None, bool, dict[str, Any] | None]:
-        resume = checkpoint.resolve_resume(spec.checkpoint.resume, out)
-        if resume is None:
-            return None, False, None
-        marker = checkpoint.read_marker(resume)
-        check_resume_compatible(marker, spec, batch)
-        return str(resume), universal.needs_universal(resume, world_size), marker
-    path, load_universal, marker = dist.agree(decide)
-    return (Path(path) if path else None), load_universal, marker
-
-
-def _train_data_key(spec: RunSpec, tokenizer: Any) -> str:
-    """The training data's fingerprint (its cache key: files, tokenizer, template, data settings)."""
-    from .data.cache import cache_key
-    return cache_key(spec, tokenizer, "train")
-
-
-def check_data_unchanged(marker: dict[str, Any], data_key: str) -> None:
-    """Refuse a resume onto other training data: the saved position would index another sample order."""
-    if marker.get("data_key") not in (None, data_key):
-        raise SpecError(
-            f"the checkpoint was trained on other data (fingerprint {marker['data_key']}, now {data_key}): the "
-            "data files, tokenizer, chat template or data settings changed since it was saved, so resuming "
-            "would continue a different sample order. Put the data back, or start afresh with "
-            "checkpoint.resume=never (or another output_dir)")
-
-
-def check_resume_compatible(marker: dict[str, Any], spec: RunSpec, batch: Any) -> None:
-    """Refuse a resume that would silently change the global batch, the data order, the sequence layout
-    or the optimizer state's format. The world size may change (the accumulation is re-derived and a
-    ZeRO checkpoint is converted), so it is not compared."""
-    if marker.get("global_batch_size") != batch.global_batch_size:
-        raise SpecError(
-            f"the checkpoint was trained with global batch {marker.get('global_batch_size')} but this run "
-            f"plans {batch.global_batch_size}; set train.global_batch_size={marker.get('global_batch_size')} "
-            "(accumulation is re-derived for the new GPU count) or checkpoint.resume=never")
-    if marker.get("seed") != spec.train.seed:
-        raise SpecError(f"the checkpoint used train.seed={marker.get('seed')}; resuming with seed "
-                        f"{spec.train.seed} would change the data order")
-    if marker.get("optim", spec.train.optim) != spec.train.optim:
-        raise SpecError(f"the checkpoint was trained with train.optim={marker['optim']}; its optimizer state "
-                        f"cannot be loaded into {spec.train.optim}: set train.optim={marker['optim']} "
-                        "or checkpoint.resume=never")
-    d = spec.distributed
-    now = {"data.max_length": ("max_length", spec.data.max_length), "data.packing": ("packing", spec.data.packing),
-           "distributed.backend": ("backend", d.backend)}
-    if d.backend == "deepspeed" and marker.get("backend", "deepspeed") == "deepspeed":
-        now["distributed.zero_stage"] = ("zero_stage", d.stage)
-    diff = [(key, marker[field], value) for key, (field, value) in now.items()
-            if marker.get(field) is not None and marker[field] != value]
-    if diff:
-        what = "; ".join(f"{key} was {old!r}, now {new!r}" for key, old, new in diff)
-        why = ("its optimizer state is in another format" if any(k.startswith("distributed.") for k, _, _ in diff)
-               else "the packed rows, and so the sample order, would differ")
-        back = " ".join(f"{key}={old}" for key, old, _ in diff)
-        raise SpecError(f"this run differs from the checkpoint it would resume ({what}): {why}. Put it back "
-                        f"({back}), or start afresh with checkpoint.resume=never (or another output_dir)")
-    # A DeepSpeed ZeRO checkpoint from another process count is converted (universal.convert_if_needed).
 
 
 def _record_start(out: Path, e: dist.DistEnv, spec: RunSpec, batch: Any, stats: dict[str, Any],

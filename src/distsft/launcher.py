@@ -31,7 +31,7 @@ def prepare(spec: RunSpec, cuda: bool) -> dict[str, Any]:
     from .plan import batch_for
     resume = checkpoint.resolve_resume(spec.checkpoint.resume, spec.output_dir)
     if resume is not None:
-        from .job import check_resume_compatible
+        from .resume import check_resume_compatible
         from .universal import convert_if_needed
         check_resume_compatible(checkpoint.read_marker(resume), spec, batch_for(spec))
         # Before the ranks start: a long conversion cannot time out a collective; a failure is one message.
@@ -44,18 +44,19 @@ def prepare(spec: RunSpec, cuda: bool) -> dict[str, Any]:
         check_qlora_runs(torch.device("cuda" if cuda else "cpu"))
     stats = _cached_stats(spec)
     if stats is None:
-        from .job import _configure_logging, _train_data_key, prepare_split
+        from .job import _configure_logging, prepare_split
+        from .resume import train_data_key
         from .model import load_tokenizer
         _configure_logging(dist.env())
         tokenizer = load_tokenizer(spec)
         _, stats = prepare_split(spec, tokenizer, "train")
         if spec.data.has_eval:
             prepare_split(spec, tokenizer, "eval")
-        key = _train_data_key(spec, tokenizer)
+        key = train_data_key(spec, tokenizer)
     else:
         key = _cached_train_key(spec)
     if resume is not None and key is not None:
-        from .job import check_data_unchanged
+        from .resume import check_data_unchanged
         check_data_unchanged(checkpoint.read_marker(resume), key)
     from .plan import steps
     t = spec.train
