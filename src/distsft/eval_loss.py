@@ -37,9 +37,34 @@ def _final_logits(model: Any, logits: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+def _fsdp_root(model: Any) -> Any:
+    """The model when it is an FSDP2 root (fully_shard), else None."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return None
+    return model if isinstance(model, FSDPModule) else None
+
+
 def token_loss_sum(model: Any, batch: dict[str, Any], labels: torch.Tensor,
                    chunk_bytes: int = CHUNK_BYTES) -> tuple[torch.Tensor, int]:
     """(sum of the next-token cross-entropy over positions whose label is not -100, their count)."""
+    # FSDP2 gathers the root's own parameters (embeddings, final norm, head: what no wrapped layer owns)
+    # only in the root's forward, which calling the decoder and the head directly bypasses; the wrapped
+    # decoder layers still gather theirs in their own hooks. Eval runs after a training step, so the
+    # root has been initialised by its forward already.
+    root = _fsdp_root(model)
+    if root is not None:
+        root.unshard()
+    try:
+        return _token_loss_sum(model, batch, labels, chunk_bytes)
+    finally:
+        if root is not None:
+            root.reshard()
+
+
+def _token_loss_sum(model: Any, batch: dict[str, Any], labels: torch.Tensor,
+                    chunk_bytes: int) -> tuple[torch.Tensor, int]:
     head = model.get_output_embeddings()
     decoder = model.get_decoder()
     hidden = decoder(**batch, use_cache=False)[0]
