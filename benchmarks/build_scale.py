@@ -103,31 +103,16 @@ def _peaks() -> dict:
             **kids}
 
 
-def child_distsft(data: Path, num_proc: int, max_length: int) -> dict:
+def child_distsft(data: Path, num_proc: int | None, max_length: int) -> dict:
+    """One build into a throwaway cache. num_proc None: the old code's DataSpec (it has no such key)."""
     from transformers import AutoTokenizer
     from distsft import data as d
     from distsft.spec import DataSpec
     tok = AutoTokenizer.from_pretrained(TINY)
     cache = Path(tempfile.mkdtemp(dir=WORK))
     try:
-        spec = DataSpec(train_files=[str(data)], max_length=max_length, num_proc=num_proc)
-        t0 = time.perf_counter()
-        ds, stats = d.build(spec, tok, "train", cache)
-        dt = time.perf_counter() - t0
-    finally:
-        shutil.rmtree(cache, ignore_errors=True)
-    return {"seconds": dt, "examples": stats["num_examples"], "tokens": stats["num_tokens"], "rows": stats["num_rows"],
-            "lower_bound": stats["lower_bound_rows"], **_peaks()}
-
-
-def _old(data: Path, max_length: int) -> dict:
-    from transformers import AutoTokenizer
-    from distsft import data as d
-    from distsft.spec import DataSpec
-    tok = AutoTokenizer.from_pretrained(TINY)
-    cache = Path(tempfile.mkdtemp(dir=WORK))
-    try:
-        spec = DataSpec(train_files=[str(data)], max_length=max_length)
+        extra = {} if num_proc is None else {"num_proc": num_proc}
+        spec = DataSpec(train_files=[str(data)], max_length=max_length, **extra)
         t0 = time.perf_counter()
         ds, stats = d.build(spec, tok, "train", cache)
         dt = time.perf_counter() - t0
@@ -205,7 +190,7 @@ def main() -> None:
         if a.child == "distsft":
             res = child_distsft(a.data, a.num_proc, a.max_length)
         elif a.child == "old":
-            res = _old(a.data, a.max_length)
+            res = child_distsft(a.data, None, a.max_length)
         else:
             res = child_trl(a.data, a.max_length)
         Path(a.out).write_text(json.dumps(res))
