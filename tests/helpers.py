@@ -74,6 +74,25 @@ def train_losses(output_dir: Path) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in metrics(output_dir) if "loss" in m}
 
 
+def packed_token_loss(model, rows) -> tuple[float, int]:
+    """Summed next-token loss and labelled-token count over packed rows, each example run alone (no
+    packing, no collator): the independent reference the logged losses are checked against."""
+    import torch
+    total, count = 0.0, 0
+    for row in rows:
+        start = 0
+        for n in row["seq_lengths"]:
+            ids = torch.tensor(row["input_ids"][start:start + n])[None]
+            labels = torch.tensor(row["labels"][start:start + n])[None]
+            start += n
+            with torch.no_grad():
+                logits = model(input_ids=ids).logits.float()
+            total += float(torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100,
+                                                             reduction="sum"))
+            count += int((labels[0, 1:] != -100).sum())
+    return total, count
+
+
 def wait_for_step(output_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 180) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:

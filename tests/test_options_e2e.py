@@ -77,18 +77,7 @@ def _eval_loss(model, spec, tok) -> float:
     from distsft import data
     from distsft.job import cache_root
     ds, _ = data.prepare(spec, tok, "eval", cache_root(spec))
-    total, count = 0.0, 0
-    for row in ds:
-        start = 0
-        for n in row["seq_lengths"]:
-            ids = torch.tensor(row["input_ids"][start:start + n])[None]
-            labels = torch.tensor(row["labels"][start:start + n])[None]
-            start += n
-            with torch.no_grad():
-                logits = model(input_ids=ids).logits.float()
-            total += float(torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100,
-                                                             reduction="sum"))
-            count += int((labels[0, 1:] != -100).sum())
+    total, count = h.packed_token_loss(model, ds)
     return total / count
 
 

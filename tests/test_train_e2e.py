@@ -47,19 +47,7 @@ def _independent_loss(out, step: int) -> float:
     rows = GlobalOrder(stats["num_rows"], spec.train.global_batch_size, spec.train.seed).step_rows(step - 1)
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(h.TINY, dtype=torch.float32).eval()
-    total, count = 0.0, 0
-    for r in rows.tolist():
-        row = ds[r]
-        start = 0
-        for n in row["seq_lengths"]:
-            ids = torch.tensor(row["input_ids"][start:start + n])[None]
-            labels = torch.tensor(row["labels"][start:start + n])[None]
-            start += n
-            with torch.no_grad():
-                logits = model(ids).logits.float()
-            total += float(torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100,
-                                                             reduction="sum"))
-            count += int((labels[0, 1:] != -100).sum())
+    total, count = h.packed_token_loss(model, (ds[r] for r in rows.tolist()))
     return total / count
 
 
