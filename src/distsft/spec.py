@@ -14,13 +14,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .errors import SpecError
 from .schedules import SCHEDULERS  # HF scheduler names; their spec-derived kwargs live there too
+from .spec_yaml import apply_overrides, format_errors, line_index
 
 SAFE_SHELL_WORD = re.compile(r"^[A-Za-z0-9_.,:=@%+/\-\[\]]*$")
-
-
-class SpecError(Exception):
-    """A user-caused problem with the spec, the data or the command line (exit code 2)."""
 
 
 class _Section(BaseModel):
@@ -387,82 +385,6 @@ def _check_options(spec: RunSpec) -> None:
                 raise ValueError(f"peft.{key} needs peft.method: lora or qlora")
 
 
-# --------------------------------------------------------------------------- loading and errors
-
-def _line_index(text: str) -> dict[tuple[str, ...], int]:
-    """Map each key path in a YAML document to its 1-based line, for error messages."""
-    index: dict[tuple[str, ...], int] = {}
-
-    def walk(node: Any, path: tuple[str, ...]) -> None:
-        if isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                key = path + (str(k.value),)
-                index[key] = k.start_mark.line + 1
-                walk(v, key)
-        elif isinstance(node, yaml.SequenceNode):
-            for i, v in enumerate(node.value):
-                index[path + (str(i),)] = v.start_mark.line + 1
-                walk(v, path + (str(i),))
-
-    try:
-        root = yaml.compose(text)
-    except yaml.YAMLError:
-        return index
-    walk(root, ())
-    return index
-
-
-def _format_errors(err: ValidationError, lines: dict[tuple[str, ...], int], source: str,
-                   overridden: set[tuple[str, ...]]) -> str:
-    msgs = []
-    for e in err.errors():
-        loc = tuple(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
-        # Literal/union branches add the branch name to the location; keep the user's key path.
-        loc = tuple(p for p in loc if not p.startswith(("literal[", "list[", "str", "int", "bool")))
-        dotted = ".".join(loc) or "(spec)"
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see README for the keys of each section)"
-        elif e["type"] == "missing":
-            msg = "required key is missing"
-        where = ""
-        for n in range(len(loc), 0, -1):
-            if loc[:n] in overridden:
-                where = " (from a command-line override)"
-                break
-            if loc[:n] in lines:
-                where = f" ({source}, line {lines[loc[:n]]})"
-                break
-        if "input" in e and e["type"] not in ("missing", "extra_forbidden") and not isinstance(
-                e["input"], (dict, list)):
-            msg += f"; got {e['input']!r}"
-        msgs.append(f"{dotted}: {msg}{where}" if dotted not in msg else f"{msg}{where}")
-    return "invalid run spec:\n  " + "\n  ".join(msgs)
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> set[tuple[str, ...]]:
-    """Apply `a.b=value` overrides in place; values are parsed as YAML and typed by the schema."""
-    touched: set[tuple[str, ...]] = set()
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$", key):
-            raise SpecError(f"override {item!r} is not of the form section.key=value "
-                            "(e.g. train.learning_rate=1e-5 or output_dir=runs/try2)")
-        path = key.split(".")
-        node = raw
-        for part in path[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise SpecError(f"override {item!r}: {part} is not a section")
-            node = child
-        try:
-            node[path[-1]] = yaml.safe_load(value) if value != "" else ""
-        except yaml.YAMLError:
-            node[path[-1]] = value
-        touched.add(tuple(path))
-    return touched
-
-
 def load_spec(path: str | Path, overrides: list[str] | None = None,
               nodes: int | None = None, gpus: int | None = None) -> RunSpec:
     """Read, override and validate a spec. `nodes`/`gpus` override `distributed` (CLI flags)."""
@@ -489,7 +411,7 @@ def load_spec(path: str | Path, overrides: list[str] | None = None,
         if gpus:
             dist["gpus_per_node"] = gpus
             touched.add(("distributed", "gpus_per_node"))
-    return validate(raw, source=str(p), lines=_line_index(text), overridden=touched)
+    return validate(raw, source=str(p), lines=line_index(text), overridden=touched)
 
 
 def validate(raw: dict[str, Any], source: str = "spec", lines: dict[tuple[str, ...], int] | None = None,
@@ -497,7 +419,7 @@ def validate(raw: dict[str, Any], source: str = "spec", lines: dict[tuple[str, .
     try:
         return RunSpec.model_validate(raw)
     except ValidationError as err:
-        raise SpecError(_format_errors(err, lines or {}, source, overridden or set())) from None
+        raise SpecError(format_errors(err, lines or {}, source, overridden or set())) from None
 
 
 def dump_spec(spec: RunSpec, path: str | Path) -> None:
