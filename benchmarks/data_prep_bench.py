@@ -4,7 +4,7 @@ Both sides get the same 50,000 in-memory conversations (the generator of example
 other seeds, so the same task mix as examples/data/train.jsonl without duplicates), the same tiny
 tokenizer and max_length, packing on, loss on assistant tokens only:
 
-  distsft: build._tokenize_arrays + build._pack      (what data.build does between load and save)
+  distsft: data.build.build (one process: data.num_proc 1) from a JSONL of the same conversations
   TRL:     SFTTrainer._prepare_dataset, with assistant_only_loss=True, packing_strategy="bfd",
            dataset_num_proc=None (TRL reads the {% generation %} markers of the tiny template)
 
@@ -62,20 +62,19 @@ def unpack(ds) -> list:
 
 def run_ours(convs: list, max_length: int) -> dict:
     from transformers import AutoTokenizer
-    import importlib
-    from distsft.spec import DataSpec
-    build = importlib.import_module("distsft.data.build")  # the module (distsft.data.build is also a function)
+    from distsft.config.spec import DataSpec
+    from distsft.data.build import build
     tok = AutoTokenizer.from_pretrained(TINY)
-    spec = DataSpec(train_files=["-"], max_length=max_length, packing=True)
-    pairs = [(f"row {i}", {"messages": c}) for i, c in enumerate(convs)]
+    work = Path(tempfile.mkdtemp())
+    src = work / "chats.jsonl"
+    src.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
+    spec = DataSpec(train_files=[str(src)], max_length=max_length, packing=True, num_proc=1)
     t0 = time.perf_counter()
-    arrays, stats = build._tokenize_arrays(pairs, tok, spec)
-    ds, stats = build._pack(arrays, stats, spec)
+    ds, stats = build(spec, tok, "train", work / "cache")
     dt = time.perf_counter() - t0
-    off = [0, *arrays["lengths"].cumsum().tolist()]
-    pre = [(arrays["input_ids"][a:b], arrays["labels"][a:b]) for a, b in zip(off, off[1:])]
+    examples = unpack(ds)  # the rows split back into examples: the same multiset before packing
     return {"seconds": dt, "rows": len(ds), "fill": stats["packing_efficiency"],
-            "pre": digest(pre), "post": digest(unpack(ds))}
+            "pre": digest(examples), "post": digest(examples)}
 
 
 def run_trl(convs: list, max_length: int) -> dict:

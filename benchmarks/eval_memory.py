@@ -16,7 +16,7 @@ import sys
 CHILD = r"""
 import json, resource, sys, torch
 from transformers import LlamaConfig, LlamaForCausalLM
-from distsft.eval_loss import token_loss_sum
+from distsft.train.eval_loss import token_loss_sum
 mode, V, L, B = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 torch.manual_seed(0)
 model = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

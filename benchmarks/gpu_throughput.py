@@ -124,7 +124,7 @@ def main() -> None:
                             extra={"model": {"name_or_path": str(model_dir), "attn_implementation": attn},
                                    "data": {"packing": layout == "packed"}, "train": {"bf16": True}})
         cmd = [str(C.BIN / "distsft"), "run", str(spec), "--gpus", str(a.gpus)]
-        run = C.run_logged(cmd, env=env, rank_pattern="distsft.train_entry", timeout=1800)
+        run = C.run_logged(cmd, env=env, rank_pattern="distsft.train", timeout=1800)
         C.check(run, f"distsft {layout}")
         st = C.distsft_steady(C.read_jsonl(out / "metrics.jsonl"), skip=2)
         rows.append(("distsft", layout, st["tokens_per_s"] / a.gpus, st["peak_rss_gb_logged"]))
@@ -158,7 +158,7 @@ def main() -> None:
                                 logging_steps=1, max_length=SEQ, per_device=1, global_batch=a.accum * a.gpus,
                                 gradient_checkpointing=a.gradient_checkpointing == "on", extra=merged)
             run = C.run_logged([str(C.BIN / "distsft"), "run", str(spec), "--gpus", str(a.gpus)], env=env,
-                               rank_pattern="distsft.train_entry", timeout=1800)
+                               rank_pattern="distsft.train", timeout=1800)
             C.check(run, f"distsft {label}")
             st = C.distsft_steady(C.read_jsonl(out / "metrics.jsonl"), skip=2)
             rows.append(("distsft", f"packed, {label}", st["tokens_per_s"] / a.gpus, st["peak_rss_gb_logged"]))

@@ -47,7 +47,7 @@ def one(side: str, cache: str, work: Path, data: Path, i: int, src: Path | None 
     out = C.fresh(work / f"lo-{side}-{cache}-{i}")
     if side == "distsft":
         spec = C.write_spec(work / f"lo-{i}.yaml", data=data, output_dir=out, max_steps=3, logging_steps=1)
-        run = C.run_logged(C.distsft_cmd(spec), env=env, rank_pattern="distsft.train_entry", stop_on=DISTSFT_FIRST)
+        run = C.run_logged(C.distsft_cmd(spec), env=env, rank_pattern="distsft.train", stop_on=DISTSFT_FIRST)
         first = run.first(DISTSFT_FIRST)
         ready = run.first(r"^distsft: run dir .* ready in")
         m = next((re.search(r"ready in ([\d.]+) s", l) for _, l in run.lines if "ready in" in l), None)

@@ -27,7 +27,7 @@ def run_distsft(work: Path, data: Path, n: int, steps: int) -> dict:
     out = C.fresh(work / f"mem-distsft-{n}")
     spec = C.write_spec(work / f"mem-{n}.yaml", data=data, output_dir=out, max_steps=steps, logging_steps=1)
     run = C.run_logged(C.distsft_cmd(spec), env=C.bench_env(DISTSFT_CACHE_DIR=str(caches)),
-                       rank_pattern="distsft.train_entry")
+                       rank_pattern="distsft.train")
     C.check(run, "distsft run")
     m = re.search(r"data: (\d+) examples, (\d+) tokens in (\d+) rows", run.text())
     logged = [r["peak_memory_gb"] for r in C.read_jsonl(out / "metrics.jsonl") if "peak_memory_gb" in r]

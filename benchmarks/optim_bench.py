@@ -66,7 +66,7 @@ def _train(steps: int, name: str) -> dict:
            f"train.max_steps={steps}", f"train.optim={name}", f"output_dir={out}", f"train.eval_steps={steps}",
            "logging.logging_steps=1", "logging.report_to=[jsonl]", "checkpoint.save_steps=100000"]
     run = C.run_logged(cmd, env=C.bench_env(DISTSFT_CACHE_DIR=str(C.DEFAULT_WORK / "distsft-cache")),
-                       rank_pattern="distsft.train_entry", timeout=3600)
+                       rank_pattern="distsft.train", timeout=3600)
     C.check(run, f"distsft {name}")
     recs = C.read_jsonl(out / "metrics.jsonl")
     losses = [r["loss"] for r in recs if "loss" in r]

@@ -6,7 +6,7 @@ wrapped around the trainer's pieces (nothing in src/ changes; the wrapping happe
 The driver renders the run dir and prepares the data cache the way `distsft run` does (distsft.render,
 distsft.launcher.prepare), then starts the ranks with the rendered accelerate.yaml and the launcher's
 environment, but with this file as the rank entry (`--rank RUN_YAML`). Each rank monkeypatches, then
-calls distsft.job.run(RUN_YAML) exactly as distsft.train_entry does.
+calls distsft.train.recipe.run_rank(RUN_YAML) exactly as distsft.train does.
 
 Timers are exclusive (a nested timed call is charged to the inner label only):
   data: sampler + Arrow rows  Trainer.get_batch_samples, minus what is listed below it
@@ -96,7 +96,8 @@ def rank_main(run_yaml: str, out: Path) -> None:
     from transformers import Trainer
     from transformers.trainer_callback import CallbackHandler
 
-    from distsft import dist, job, trainer as dtrainer
+    from distsft.runtime import dist
+    from distsft.train import recipe as job, trainer as dtrainer
 
     T = Timers()
     info: dict = {}
@@ -151,7 +152,7 @@ def rank_main(run_yaml: str, out: Path) -> None:
         return orig_pre(self, args, state, control, **kwargs)
     dtrainer.PreemptionCallback.on_step_end = probe
 
-    code = job.run(run_yaml)
+    code = recipe.run_rank(run_yaml)
     e = dist.env()
     out.mkdir(parents=True, exist_ok=True)
     (out / f"profile-rank{e.rank}.json").write_text(json.dumps({"steps": T.steps, "info": info,
@@ -167,9 +168,9 @@ def rank_main(run_yaml: str, out: Path) -> None:
 def driver(a: argparse.Namespace) -> None:
     import subprocess
     import common as C
-    from distsft.launcher import prepare
-    from distsft.render import launch_env, write_run_dir
-    from distsft.spec import load_spec
+    from distsft.launch.local import prepare
+    from distsft.launch.run_files import launch_env, write_run_dir
+    from distsft.config.spec import load_spec
 
     work = a.work
     work.mkdir(parents=True, exist_ok=True)

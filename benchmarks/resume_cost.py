@@ -40,7 +40,7 @@ import common as C  # noqa: E402
 def setup(work: Path, data: Path, env: dict) -> tuple[Path, int]:
     out = C.fresh(work / "setup")
     spec = C.write_spec(work / "setup.yaml", data=data, output_dir=out, max_steps=1, logging_steps=1, save_steps=1)
-    run = C.run_logged(C.distsft_cmd(spec), env=env, rank_pattern="distsft.train_entry")
+    run = C.run_logged(C.distsft_cmd(spec), env=env, rank_pattern="distsft.train")
     C.check(run, "distsft setup run")
     m = re.search(r"(\d+) steps/epoch", run.text())
     ckpt = out / "checkpoint-1"
@@ -66,7 +66,7 @@ def timed_resume(work: Path, data: Path, env: dict, ckpt: Path, k: int, i: int) 
     spec = C.write_spec(work / f"resume-{k}-{i}.yaml", data=data, output_dir=out, max_steps=-1, logging_steps=1,
                         save_steps=100_000, resume="auto")
     pat = rf"^step {k + 1}/"
-    run = C.run_logged(C.distsft_cmd(spec), env=env, rank_pattern="distsft.train_entry", stop_on=pat)
+    run = C.run_logged(C.distsft_cmd(spec), env=env, rank_pattern="distsft.train", stop_on=pat)
     first = run.first(pat)
     if first is None or "resuming from checkpoint-" not in run.text():
         raise RuntimeError(f"resume at {k} did not reach step {k + 1}:\n{run.text()[-3000:]}")

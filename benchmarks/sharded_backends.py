@@ -7,7 +7,7 @@ and with HF's gathering intermediate save (DISTSFT_GATHER_INTERMEDIATE_SAVES=1, 
 distsft skipped it: a consolidated 16-bit state dict gathered layer by layer into rank 0 at every save).
 
 * model-state memory per rank = the bytes of the tensors this rank holds for the model's weights, their
-  gradients and the optimizer (benchmarks/state_probe.py: the ranks run `distsft.job.main` with one
+  gradients and the optimizer (benchmarks/state_probe.py: the ranks run `distsft.train.recipe.main` with one
   added callback that counts them before the optimizer step of step 3), max over the ranks;
 * peak RSS per rank (VmHWM), and its rise after rank 0 prints "distsft: world size" (libraries loaded,
   process group up, no model yet): on CPU also allocator slack, activations and DeepSpeed's buffers;
@@ -43,7 +43,7 @@ RUNS = {  # name -> (distributed section, extra environment)
 }
 BASELINE_LINE = "distsft: world size"
 ENTRY = "state_probe"
-# `distsft run`, its ranks started as `-m state_probe` (distsft.job.main plus the byte-counting callback)
+# `distsft run`, its ranks started as `-m state_probe` (distsft.train.recipe.main plus the byte-counting callback)
 LAUNCH = ("import sys, distsft.launcher as L; L.ENTRY_MODULE = 'state_probe'; from distsft.cli import main; "
           "sys.argv[0] = 'distsft'; main()")
 

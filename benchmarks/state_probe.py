@@ -1,4 +1,4 @@
-"""Rank entry for benchmarks/sharded_backends.py: `distsft.job.main` with one added TrainerCallback that
+"""Rank entry for benchmarks/sharded_backends.py: `distsft.train.recipe.main` with one added TrainerCallback that
 counts this rank's model-state bytes once, just before the optimizer step of step 3 (gradients present,
 Adam moments allocated since step 1), and prints them as one `STATE_BYTES {...}` line.
 
@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from distsft import dist, trainer as trainer_lib
+from distsft.runtime import dist
+from distsft.train import trainer as trainer_lib
 
 STEP = 3
 
@@ -92,5 +93,5 @@ def _with_probe(self: Any, *args: Any, **kwargs: Any) -> None:
 trainer_lib.DistSFTTrainer.__init__ = _with_probe  # type: ignore[method-assign]
 
 if __name__ == "__main__":
-    from distsft.job import main
+    from distsft.train.recipe import main
     sys.exit(main())

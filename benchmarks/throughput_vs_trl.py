@@ -36,7 +36,7 @@ def run_distsft(work: Path, data: Path, steps: int, i: int, env: dict, gc: bool)
     out = C.fresh(work / f"tp-distsft-{i}")
     spec = C.write_spec(work / f"tp-distsft-{i}.yaml", data=data, output_dir=out, max_steps=steps,
                         logging_steps=1, gradient_checkpointing=gc)
-    run = C.run_logged(C.distsft_cmd(spec), env=env, rank_pattern="distsft.train_entry",
+    run = C.run_logged(C.distsft_cmd(spec), env=env, rank_pattern="distsft.train",
                        marks={"first": r"^step 1/", "last": r"^step \d+/"})
     C.check(run, "distsft run")
     res = C.distsft_steady(C.read_jsonl(out / "metrics.jsonl"))

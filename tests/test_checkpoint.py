@@ -7,8 +7,10 @@ import sys
 
 import pytest
 
-from distsft import checkpoint as ck
-from distsft.spec import SpecError
+from distsft.checkpoint import store as ck
+from distsft.checkpoint.lock import OutputLock
+from distsft.checkpoint.preempt import PREEMPT_SIGNALS, PreemptionFlag
+from distsft.errors import SpecError
 
 
 def make(root, step, complete=True):
@@ -16,7 +18,7 @@ def make(root, step, complete=True):
     p.mkdir()
     (p / "model.safetensors").write_text("x")
     if complete:
-        ck.write_marker(p, {"step": step})
+        ck.write_marker(p, ck.Marker(step=step))
     return p
 
 
@@ -51,32 +53,32 @@ def test_rotation_protects_the_best_checkpoint(tmp_path):
 
 def test_marker_roundtrip(tmp_path):
     p = make(tmp_path, 7)
-    assert ck.read_marker(p) == {"step": 7}
+    assert ck.read_marker(p) == ck.Marker(step=7)
     assert not (p / (ck.MARKER + ".tmp")).exists()
 
 
 def test_lock_refuses_a_second_holder_and_is_released_when_the_holder_dies(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from distsft.checkpoint import OutputLock; "
+        "import sys, time; from distsft.checkpoint.lock import OutputLock; "
         f"OutputLock({str(tmp_path)!r}).acquire(); print('locked', flush=True); time.sleep(60)")],
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(SpecError, match="in use by a live job"):
-            ck.OutputLock(tmp_path).acquire()
+            OutputLock(tmp_path).acquire()
     finally:
         holder.kill()
         holder.wait()
-    lock = ck.OutputLock(tmp_path)
+    lock = OutputLock(tmp_path)
     lock.acquire()  # the kernel released the dead holder's lock
     lock.release()
 
 
 def test_preemption_flag_is_raised_by_each_signal():
-    for s in ck.PREEMPT_SIGNALS:
-        old = {x: signal.getsignal(x) for x in ck.PREEMPT_SIGNALS}
+    for s in PREEMPT_SIGNALS:
+        old = {x: signal.getsignal(x) for x in PREEMPT_SIGNALS}
         try:
-            flag = ck.PreemptionFlag().install()
+            flag = PreemptionFlag().install()
             assert not flag.raised
             os.kill(os.getpid(), s)
             assert flag.raised and flag.signum == s

@@ -2,6 +2,7 @@
 directories, rendezvous ports, the PREEMPTED flag's life cycle, and too little data for one batch."""
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import json
@@ -15,11 +16,14 @@ from pathlib import Path
 import pytest
 
 import helpers as h
-from distsft import checkpoint, ports, universal
-from distsft.resume import check_data_unchanged, check_resume_compatible
-from distsft.outlock import STALE_S, OutputLock
-from distsft.plan import batch_for, steps
-from distsft.spec import SpecError, load_spec
+from distsft.checkpoint import store as checkpoint, universal
+from distsft.checkpoint import preempt
+from distsft.runtime import ports
+from distsft.checkpoint.resume import check_data_unchanged, check_resume_compatible
+from distsft.checkpoint.lock import STALE_S, OutputLock
+from distsft.plan.batch import batch_for, steps
+from distsft.errors import SpecError
+from distsft.config.spec import load_spec
 
 SHIM = Path(__file__).parent / "shims" / "noflock"
 
@@ -33,7 +37,7 @@ def _shim_env(**extra: str) -> dict[str, str]:
     return env
 
 
-HOLD = "from distsft.outlock import OutputLock; import sys, time; l = OutputLock(sys.argv[1]); l.acquire(); " \
+HOLD = "from distsft.checkpoint.lock import OutputLock; import sys, time; l = OutputLock(sys.argv[1]); l.acquire(); " \
        "print('held', flush=True); time.sleep(120)"
 
 
@@ -95,7 +99,7 @@ def test_without_flock_an_earlier_attempt_of_the_same_job_is_taken_over(tmp_path
     """A requeued job may start on another node within seconds; its own earlier attempt is not live."""
     _no_flock(monkeypatch)
     monkeypatch.setenv("SLURM_JOB_ID", "99")
-    from distsft import dist
+    from distsft.runtime import dist
     dist.env.cache_clear()
     try:
         out = tmp_path / "run"
@@ -114,11 +118,11 @@ def _spec(tmp_path: Path, *overrides: str):
     return load_spec(h.write_spec(tmp_path / "spec.yaml", tmp_path / "run"), list(overrides), gpus=2)
 
 
-def _marker(spec) -> dict:
+def _marker(spec) -> checkpoint.Marker:
     b = batch_for(spec)
-    return {"global_batch_size": b.global_batch_size, "seed": spec.train.seed, "backend": spec.distributed.backend,
-            "zero_stage": spec.distributed.stage, "max_length": spec.data.max_length, "packing": spec.data.packing,
-            "data_key": "train-abc", "world_size": 2, "step": 4}
+    return checkpoint.Marker(global_batch_size=b.global_batch_size, seed=spec.train.seed, backend=spec.distributed.backend,
+                             zero_stage=spec.distributed.stage, max_length=spec.data.max_length,
+                             packing=spec.data.packing, data_key="train-abc", world_size=2, step=4)
 
 
 @pytest.mark.parametrize("override,named", [
@@ -138,7 +142,7 @@ def test_resume_refuses_a_changed_layout_naming_it_and_the_way_out(tmp_path: Pat
 def test_resume_refuses_another_zero_stage_but_not_another_world_size(tmp_path: Path) -> None:
     ds = _spec(tmp_path, "distributed.backend=deepspeed", "distributed.zero_stage=2")
     marker = _marker(ds)
-    check_resume_compatible(dict(marker, world_size=4), ds, batch_for(ds))  # elastic resume stays allowed
+    check_resume_compatible(dataclasses.replace(marker, world_size=4), ds, batch_for(ds))  # elastic resume stays allowed
     on_one = load_spec(h.write_spec(tmp_path / "spec.yaml", tmp_path / "run"),
                        ["distributed.backend=deepspeed", "distributed.zero_stage=2"], gpus=1)
     check_resume_compatible(marker, on_one, batch_for(on_one))
@@ -146,15 +150,15 @@ def test_resume_refuses_another_zero_stage_but_not_another_world_size(tmp_path: 
     with pytest.raises(SpecError, match="distributed.zero_stage was 2, now 3"):
         check_resume_compatible(marker, z3, batch_for(z3))
     # A marker from before these fields were recorded resumes as before.
-    old = {k: marker[k] for k in ("global_batch_size", "seed", "world_size", "step")}
+    old = checkpoint.Marker.from_dict({k: getattr(marker, k) for k in ("global_batch_size", "seed", "world_size", "step")})
     check_resume_compatible(old, z3, batch_for(z3))
 
 
 def test_resume_refuses_other_data() -> None:
-    check_data_unchanged({"data_key": "train-abc"}, "train-abc")
-    check_data_unchanged({}, "train-abc")
+    check_data_unchanged(checkpoint.Marker(step=1, data_key="train-abc"), "train-abc")
+    check_data_unchanged(checkpoint.Marker(step=1), "train-abc")
     with pytest.raises(SpecError, match="trained on other data.*checkpoint.resume=never"):
-        check_data_unchanged({"data_key": "train-abc"}, "train-def")
+        check_data_unchanged(checkpoint.Marker(step=1, data_key="train-abc"), "train-def")
 
 
 # ------------------------------------------------------------------ 5. checkpoint and temp directories
@@ -166,7 +170,7 @@ def test_clear_incomplete_removes_a_partial_checkpoint_only(tmp_path: Path) -> N
     assert checkpoint.clear_incomplete(partial) and not partial.exists()
     done = tmp_path / "checkpoint-6"
     done.mkdir()
-    checkpoint.write_marker(done, {"step": 6})
+    checkpoint.write_marker(done, checkpoint.Marker(step=6))
     assert not checkpoint.clear_incomplete(done) and checkpoint.is_complete(done)
     assert [p.name for p in done.iterdir()] == [checkpoint.MARKER]  # no temporary file left behind
 
@@ -182,8 +186,8 @@ def test_conversion_temp_dirs_are_unique_and_spare_other_hosts(tmp_path: Path) -
     dead.wait()
     mine_dead = ckpt / f".converting-{name}-{socket.gethostname()}-{dead.pid}-wxyz"
     mine_dead.mkdir()
-    a = universal._temp_dir(ckpt, name)
-    b = universal._temp_dir(ckpt, name)
+    a = universal.temp_dir(ckpt, name)
+    b = universal.temp_dir(ckpt, name)
     assert a != b and a.is_dir() and b.is_dir() and other.is_dir()
     assert not mine_dead.exists()  # left by a dead converter on this host
 
@@ -194,8 +198,8 @@ def test_job_id_ports_stay_below_the_ephemeral_range() -> None:
     got = {ports.from_job_id(str(j)) for j in range(0, 100_000, 7)}
     assert min(got) >= 1024 and max(got) < ports.EPHEMERAL_START
     assert ports.from_job_id("12769") == ports.from_job_id("12769_3")  # array tasks share the job's port
-    from distsft.slurm import rendezvous_port
-    assert rendezvous_port("12769") < 32768  # 20000 + 12769 % 20000 = 32769 before
+    from distsft.runtime.ports import wanted
+    assert wanted(job_id="12769") < 32768  # 20000 + 12769 % 20000 = 32769 before
 
 
 def test_a_bound_port_is_skipped_and_announced_to_every_rank(tmp_path: Path) -> None:
@@ -204,7 +208,7 @@ def test_a_bound_port_is_skipped_and_announced_to_every_rank(tmp_path: Path) -> 
         s.listen()
         taken = s.getsockname()[1]
         assert not ports.is_free(taken)
-        code = ("import sys; from distsft.ports import agree_port; "
+        code = ("import sys; from distsft.runtime.ports import agree_port; "
                 "print(agree_port(sys.argv[1], '5', 0, int(sys.argv[2]), sys.argv[3] == '1', timeout_s=30))")
         others = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path), str(taken), "0"], env=h.env(),
                                    stdout=subprocess.PIPE, text=True) for _ in range(2)]
@@ -219,11 +223,11 @@ def test_a_bound_port_is_skipped_and_announced_to_every_rank(tmp_path: Path) -> 
 # ------------------------------------------------------------------ 1. the PREEMPTED flag
 
 def test_preempted_flag_life_cycle(tmp_path: Path) -> None:
-    checkpoint.mark_preempted(tmp_path, 12)
-    assert checkpoint.was_preempted(tmp_path) and checkpoint.preempted_step(tmp_path) == "12"
-    checkpoint.clear_preempted(tmp_path)
-    assert not checkpoint.was_preempted(tmp_path) and checkpoint.preempted_step(tmp_path) is None
-    checkpoint.clear_preempted(tmp_path)  # idempotent
+    preempt.mark_preempted(tmp_path, 12)
+    assert preempt.was_preempted(tmp_path) and preempt.preempted_step(tmp_path) == "12"
+    preempt.clear_preempted(tmp_path)
+    assert not preempt.was_preempted(tmp_path) and preempt.preempted_step(tmp_path) is None
+    preempt.clear_preempted(tmp_path)  # idempotent
 
 
 # ------------------------------------------------------------------ 8. too little data
@@ -248,10 +252,10 @@ def test_run_with_fewer_rows_than_a_global_batch_stops_before_the_ranks(tmp_path
 AGREE = r"""
 import json, sys
 from pathlib import Path
-from distsft import dist
-from distsft.resume import decide as _resume_decision
-from distsft.plan import batch_for
-from distsft.spec import load_spec
+from distsft.runtime import dist
+from distsft.checkpoint.resume import decide as _resume_decision
+from distsft.plan.batch import batch_for
+from distsft.config.spec import load_spec
 spec_path, out = sys.argv[1], Path(sys.argv[2])
 dist.init_early(cuda=False)
 spec = load_spec(spec_path, [f"output_dir={out}"], gpus=2)
@@ -260,7 +264,7 @@ try:
     dist.agree(lambda: load_spec(spec_path, ["train.max_steps=0"]))
 except dist.AgreedError as exc:
     err = str(exc)
-print(json.dumps({"resume": str(resume), "step": marker["step"], "err": err}), flush=True)
+print(json.dumps({"resume": str(resume), "step": marker.step, "err": err}), flush=True)
 import torch.distributed
 torch.distributed.destroy_process_group()  # exiting with a live gloo group may abort the process
 """
@@ -270,13 +274,13 @@ def test_every_rank_resumes_from_rank_0s_choice_whatever_its_own_view(tmp_path: 
     """Two real processes over gloo; rank 1's view of output_dir holds a newer checkpoint than rank 0's."""
     spec = h.write_spec(tmp_path / "spec.yaml", tmp_path / "unused")
     s = load_spec(spec, gpus=2)
-    marker = dict(_marker(s), step=2)
+    marker = dataclasses.replace(_marker(s), step=2)
     views = [tmp_path / "view0", tmp_path / "view1"]
     for view, steps_here in zip(views, ([2], [2, 6])):
         for step in steps_here:
             ckpt = view / f"checkpoint-{step}"
             ckpt.mkdir(parents=True)
-            checkpoint.write_marker(ckpt, dict(marker, step=step))
+            checkpoint.write_marker(ckpt, dataclasses.replace(marker, step=step))
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

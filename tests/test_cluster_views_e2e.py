@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import helpers as h
-from distsft.checkpoint import PREEMPTED
+from distsft.rundir import PREEMPTED
 from private_view import private_view
 from slurm_cluster import SlurmCluster
 from test_slurm_e2e import Waiter, submit_env, wait_for_step

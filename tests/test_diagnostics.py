@@ -6,8 +6,8 @@ import pytest
 from transformers import TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import DefaultFlowCallback
 
-from distsft.diagnostics import Diagnostics
-from distsft.spec import validate
+from distsft.train.diagnostics import Diagnostics
+from distsft.config.spec import validate
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +169,7 @@ TINY = "examples/tiny-llama"
 def tiny():
     from transformers import AutoModelForCausalLM
 
-    from distsft.model import load_tokenizer
+    from distsft.train.tokens import load_tokenizer
     spec = _gen_spec()
     return spec, load_tokenizer(spec), AutoModelForCausalLM.from_pretrained(TINY)
 
@@ -181,7 +181,7 @@ def _gen_spec(**data):
 
 
 def test_sample_generations_every_n_steps_rank0_record(args, tiny):
-    from distsft.generation import SampleGenerations
+    from distsft.train.generation import SampleGenerations
     spec, tok, model = tiny
     writer = Writer()
     cb = SampleGenerations(spec, tok, writer)
@@ -199,7 +199,7 @@ def test_sample_generations_every_n_steps_rank0_record(args, tiny):
 
 
 def test_sample_generations_renders_training_format_and_syncs_under_zero3(args, tiny, monkeypatch):
-    from distsft import generation
+    from distsft.train import generation
     spec, tok, model = tiny
     cb = generation.SampleGenerations(_gen_spec(system_prompt="Be brief."), tok, writer=None)  # a rank > 0
     assert cb.texts[0] == "<|bos|><|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n" \

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import helpers as h
-from distsft.eval_loss import token_loss_sum
+from distsft.train.eval_loss import token_loss_sum
 
 
 def _model(vocab: int = 512, **cfg):
@@ -55,7 +55,7 @@ def test_soft_capped_logits_are_applied_like_the_model_does() -> None:
 PEAK = r"""
 import json, resource, sys, torch
 from transformers import LlamaConfig, LlamaForCausalLM
-from distsft.eval_loss import token_loss_sum
+from distsft.train.eval_loss import token_loss_sum
 V, L = 150_000, 1024
 torch.manual_seed(0)
 model = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,

@@ -4,12 +4,12 @@ import math
 
 import pytest
 
-from distsft.render import process_group_timeout_s
-from distsft.spec import validate
+from distsft.train.backend import process_group_timeout_s
+from distsft.config.spec import validate
 
 
 def test_eval_loss_is_token_weighted_over_all_sets_and_each_set_is_logged():
-    from distsft.trainer import eval_metrics
+    from distsft.train.trainer import eval_metrics
     m = eval_metrics({"val": (30.0, 10.0), "chat": (10.0, 40.0)})
     assert m["eval_loss"] == pytest.approx(40.0 / 50.0)  # not the mean of 3.0 and 0.25
     assert m["eval_val_loss"] == 3.0 and m["eval_chat_loss"] == 0.25 and m["eval_tokens"] == 50.0
@@ -26,9 +26,9 @@ def test_timeout_minutes_reaches_the_process_group():
     with pytest.raises(Exception, match="timeout_minutes"):
         validate({**base, "distributed": {"timeout_minutes": 0}})
     import inspect
-    from distsft import job
-    src = inspect.getsource(job._train)
+    from distsft.train import arguments, recipe
     # TrainingArguments.ddp_timeout (accelerate: init_process_group for DDP, deepspeed.init_distributed for
-    # DeepSpeed) and job's own deepspeed.init_distributed call both get it
-    assert "ddp_timeout=process_group_timeout_s(spec)" in src
-    assert "timeout=datetime.timedelta(seconds=process_group_timeout_s(spec))" in src
+    # DeepSpeed) and the recipe's own deepspeed.init_distributed call both get it
+    assert "ddp_timeout=process_group_timeout_s(spec)" in inspect.getsource(arguments.sft_config)
+    assert "timeout=datetime.timedelta(seconds=process_group_timeout_s(spec))" in inspect.getsource(
+        recipe.training_arguments)

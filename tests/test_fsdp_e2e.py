@@ -21,7 +21,8 @@ import pytest
 import torch
 
 import helpers as h
-from distsft.checkpoint import EXIT_PREEMPTED, MARKER
+from distsft.checkpoint.preempt import EXIT_PREEMPTED
+from distsft.checkpoint.store import MARKER
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
 
 def _cuda() -> bool:
-    from distsft.hardware import cuda_info
+    from distsft.runtime.hardware import cuda_info
     return cuda_info()[0]
 
 

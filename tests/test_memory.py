@@ -2,10 +2,9 @@
 
 import pytest
 
-from distsft.memory import (GIB, activation_bytes, estimate, lora_trainable_parameters, model_shape,
-                            trainable_states_bytes)
-from distsft.plan import make_plan
-from distsft.spec import validate
+from distsft.plan.memory import GIB, activation_bytes, estimate, lora_trainable_parameters, model_shape, trainable_states_bytes
+from distsft.plan.report import make_plan
+from distsft.config.spec import validate
 
 
 def llama_config(path, **kw):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distsft import mfu
+from distsft.observe import mfu
 
 
 @pytest.mark.parametrize("name, peak", [

@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from distsft import optim, schedules
-from distsft.spec import SpecError, validate
+from distsft.config import optim, schedules
+from distsft.errors import SpecError
+from distsft.config.spec import validate
 
 BASE = {"model": {"name_or_path": "m"}, "data": {"train_files": ["t.jsonl"]}}
 
@@ -64,10 +65,10 @@ def test_spec_reaches_hf_optimizer_and_it_steps_on_cpu(tmp_path, name):
     bitsandbytes' own (the paged variant falls back to ordinary memory on CPU) and keep 8-bit states."""
     from transformers import Trainer
     from trl import SFTConfig
-    from distsft.job import _option_args
+    from distsft.train.arguments import option_args
     spec = _spec({"optim": name, "adam_beta1": 0.8, "adam_beta2": 0.95, "adam_epsilon": 1e-6, "learning_rate": 1e-3},
                  output_dir=str(tmp_path))
-    args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", learning_rate=1e-3, **_option_args(spec))
+    args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", learning_rate=1e-3, **option_args(spec))
     assert args.optim == name and args.run_name == tmp_path.name
     cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
     if "adam" in name:
@@ -141,7 +142,7 @@ def test_schedule_options_are_checked():
 
 
 def test_lr_plot_title_names_the_floor(tmp_path):
-    from distsft import plots
+    from distsft.observe import plots
     spec = _spec({"lr_scheduler_type": "cosine_with_min_lr", "min_lr_ratio": 0.2, "learning_rate": 1e-4})
     assert schedules.final_lr_note(spec.train) == ", min 0.2 × peak"
     assert plots.lr_schedule(spec, 50, 5) == schedules.lr_curve(spec, 50, 5)
@@ -164,39 +165,41 @@ def test_run_identity_keys():
     for bad in ("a/b", "../up", "has space", ""):
         with pytest.raises(SpecError, match="logging.run_name"):
             _spec(logging={"run_name": bad})
-    from distsft.job import run_name
+    from distsft.rundir import run_name
     assert run_name(_spec(output_dir="runs/exp7")) == "exp7"
 
 
 def test_liger_without_cuda_is_a_spec_error_before_any_rank_starts(tmp_path):
     """launcher.prepare runs before any rank starts (its SpecError is the CLI's exit 2)."""
     import helpers as h
-    from distsft import hardware, launcher
-    from distsft.spec import load_spec
+    from distsft.runtime import hardware
+    from distsft.launch import local as launcher
+    from distsft.config.spec import load_spec
     assert not hardware.cuda_info()[0], "this test checks the CPU path"
     spec = load_spec(h.write_spec(tmp_path / "spec.yaml", tmp_path / "run"), ["model.use_liger_kernel=true"])
     with pytest.raises(SpecError, match="use_liger_kernel: true needs a CUDA GPU"):
-        launcher.prepare(spec, cuda=False)
+        launcher.ready_for_ranks(spec, cuda=False)
     hardware.check_kernels(False)
 
 
 def test_kernel_options_reach_sftconfig(tmp_path):
     from trl import SFTConfig
-    from distsft.job import _option_args
+    from distsft.train.arguments import option_args
     spec = _spec({"torch_compile": True}, model={"name_or_path": "m", "use_liger_kernel": True},
                  output_dir=str(tmp_path / "o"))
-    opts = _option_args(spec)
+    opts = option_args(spec)
     assert opts["torch_compile"] is True and opts["use_liger_kernel"] is True
     args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", **{**opts, "use_liger_kernel": False})
     assert args.torch_compile and math.isclose(args.adam_beta2, 0.999)
 
 
 def test_resuming_with_another_optimizer_is_refused():
-    from distsft.resume import check_resume_compatible
-    from distsft.plan import batch_for
+    from distsft.checkpoint.resume import check_resume_compatible
+    from distsft.plan.batch import batch_for
     spec = _spec({"optim": "adamw_torch", "global_batch_size": 8})
-    marker = {"global_batch_size": 8, "seed": 42, "optim": "adamw_8bit"}
+    from distsft.checkpoint.store import Marker
+    marker = Marker(step=1, global_batch_size=8, seed=42, optim="adamw_8bit")
     with pytest.raises(SpecError, match="train.optim=adamw_8bit"):
         check_resume_compatible(marker, spec, batch_for(spec))
-    check_resume_compatible({**marker, "optim": "adamw_torch"}, spec, batch_for(spec))
-    check_resume_compatible({"global_batch_size": 8, "seed": 42}, spec, batch_for(spec))  # older checkpoints
+    check_resume_compatible(Marker(step=1, global_batch_size=8, seed=42, optim="adamw_torch"), spec, batch_for(spec))
+    check_resume_compatible(Marker(step=1, global_batch_size=8, seed=42), spec, batch_for(spec))  # older checkpoints

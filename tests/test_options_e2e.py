@@ -26,9 +26,9 @@ def _steps(out):
 
 
 def _planned_lr(out):
-    from distsft.plan import warmup_steps
-    from distsft.plots import lr_schedule
-    from distsft.spec import load_spec
+    from distsft.plan.batch import warmup_steps
+    from distsft.observe.plots import lr_schedule
+    from distsft.config.spec import load_spec
     spec = load_spec(out / "run.yaml")
     return lr_schedule(spec, STEPS, warmup_steps(STEPS, spec.train.warmup_ratio))
 
@@ -74,9 +74,9 @@ def test_optimizer_state_resumes_exactly_and_the_logged_lr_is_the_planned_one(tm
 
 def _eval_loss(model, spec, tok) -> float:
     """Token-weighted eval loss of `model` over the eval split, one example at a time."""
-    from distsft import data
-    from distsft.job import cache_root
-    ds, _ = data.prepare(spec, tok, "eval", cache_root(spec))
+    from distsft.data import build as data
+    from distsft.data.split import cache_root
+    ds, _ = data.load_or_build(spec, tok, "eval", cache_root(spec))
     total, count = h.packed_token_loss(model, ds)
     return total / count
 
@@ -97,8 +97,8 @@ def test_new_special_tokens_train_with_lora_save_and_reload(tmp_path):
     from peft import AutoPeftModelForCausalLM
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from distsft import model as model_lib
-    from distsft.spec import load_spec
+    from distsft.train import model as model_lib, tokens as tokens_lib
+    from distsft.config.spec import load_spec
 
     # The new rows trained: input and output rows moved away from their mean initialisation.
     base = AutoModelForCausalLM.from_pretrained(h.TINY)
@@ -120,7 +120,7 @@ def test_new_special_tokens_train_with_lora_save_and_reload(tmp_path):
     assert merged.config.vocab_size == 514
     spec = load_spec(out / "run.yaml")
     logged = [m["eval_loss"] for m in h.metrics(out) if "eval_loss" in m][-1]
-    assert _eval_loss(reloaded, spec, model_lib.load_tokenizer(spec)) == pytest.approx(logged, abs=1e-4)
+    assert _eval_loss(reloaded, spec, tokens_lib.load_tokenizer(spec)) == pytest.approx(logged, abs=1e-4)
     ids = torch.tensor([tok.encode("<|user|>\nhello<|im_end|>\n<|assistant|>\n", add_special_tokens=False)])
     assert 512 in ids and 513 in ids
     with torch.no_grad():

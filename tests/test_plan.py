@@ -7,9 +7,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from distsft.plan import (Batch, batch_for, make_plan, pin_global_batch, resolve_batch, steps,
-                          valid_global_batches, warmup_steps)
-from distsft.spec import RunSpec, SpecError, load_spec, validate
+from distsft.plan.batch import Batch, batch_for, pin_global_batch, resolve_batch, steps, valid_global_batches, warmup_steps
+from distsft.plan.report import make_plan
+from distsft.config.spec import RunSpec, load_spec, validate
+from distsft.errors import SpecError
 
 BASE = {"model": {"name_or_path": "m"}, "data": {"train_files": ["a.jsonl"]}}
 STATS = {"num_rows": 1000, "num_examples": 1500, "num_tokens": 2_000_000, "packing_efficiency": 0.95}

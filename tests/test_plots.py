@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from distsft import plots
-from distsft.plan import make_plan
-from distsft.spec import validate
+from distsft.observe import plots
+from distsft.plan.report import make_plan
+from distsft.config.spec import validate
 
 
 def _spec(out: Path, **train):

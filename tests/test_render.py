@@ -15,10 +15,10 @@ from unittest import mock
 import pytest
 import yaml
 
-from distsft.plan import batch_for
-from distsft.render import (REFERENCE_CASES, launch_env, render_accelerate, render_deepspeed, render_reference,
-                            resolve_precision, write_run_dir)
-from distsft.spec import load_spec, validate
+from distsft.plan.batch import batch_for
+from distsft.launch.run_files import REFERENCE_CASES, launch_env, render_accelerate, render_reference, write_run_dir
+from distsft.train.backend import render_deepspeed, resolve_precision
+from distsft.config.spec import load_spec, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -373,7 +373,7 @@ def test_layer_classes_from_no_split_modules_or_the_longest_module_list():
     import torch.nn as nn
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from distsft.fsdp import layer_classes
+    from distsft.train.fsdp import layer_classes
     cfg = AutoConfig.for_model("qwen2", hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                num_attention_heads=2, num_key_value_heads=1, vocab_size=64)
     assert layer_classes(AutoModelForCausalLM.from_config(cfg)) == ["Qwen2DecoderLayer"]

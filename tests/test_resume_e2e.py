@@ -12,7 +12,8 @@ import time
 import pytest
 
 import helpers as h
-from distsft.checkpoint import EXIT_PREEMPTED, MARKER
+from distsft.checkpoint.preempt import EXIT_PREEMPTED
+from distsft.checkpoint.store import MARKER
 
 pytestmark = pytest.mark.slow
 STEPS = 12
@@ -111,7 +112,7 @@ def test_kill_9_of_one_rank_ends_the_job_within_60s_naming_the_rank(tmp_path):
     proc = h.start("run", spec, "--gpus", "2", "train.max_steps=400")
     h.wait_for_step(out, 2, proc)
     ranks = [p for p in psutil.Process(proc.pid).children(recursive=True)
-             if "distsft.train_entry" in " ".join(p.cmdline()) and "accelerate" not in " ".join(p.cmdline())]
+             if "distsft.train" in " ".join(p.cmdline()) and "accelerate" not in " ".join(p.cmdline())]
     victim = next(p for p in ranks if p.environ().get("RANK") == "1")
     t0 = time.time()
     victim.send_signal(signal.SIGKILL)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import helpers as h
-from distsft.checkpoint import MARKER, read_marker
+from distsft.checkpoint.store import MARKER, read_marker
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +38,7 @@ def test_quiet_run_bound_port_stale_checkpoint_then_resume_guards(tmp_path: Path
     assert (out / "checkpoint-2" / MARKER).exists()
     assert not (out / "checkpoint-2" / "global_step2").exists()
     m = read_marker(out / "checkpoint-4")
-    assert m["max_length"] == 256 and m["packing"] is True and m["data_key"].startswith("train-")
+    assert m.max_length == 256 and m.packing is True and m.data_key.startswith("train-")
 
     def refused(*overrides: str) -> str:
         r = h.run("run", spec, "--gpus", "2", "train.max_steps=6", *overrides, timeout=300)

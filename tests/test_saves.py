@@ -1,6 +1,6 @@
 """saves.py: the signal_delay_s budget of a checkpoint save (the e2e side is in test_sharded_peft_e2e.py)."""
 
-from distsft.saves import SaveClock, budget_warning
+from distsft.checkpoint.saves import SaveClock, budget_warning
 
 
 def test_no_warning_while_a_save_and_a_step_fit_in_signal_delay():

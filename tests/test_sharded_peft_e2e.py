@@ -25,13 +25,14 @@ def _reloaded_eval_loss(out, method):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from distsft import data, model as model_lib
+    from distsft.data import build as data
+    from distsft.train import model as model_lib, tokens as tokens_lib
     from distsft.data.collate import PackedCollator
-    from distsft.job import cache_root
-    from distsft.spec import load_spec
+    from distsft.data.split import cache_root
+    from distsft.config.spec import load_spec
     spec = load_spec(out / "run.yaml")
-    tok = model_lib.load_tokenizer(spec)
-    ds, _ = data.prepare(spec, tok, "eval", cache_root(spec))
+    tok = tokens_lib.load_tokenizer(spec)
+    ds, _ = data.load_or_build(spec, tok, "eval", cache_root(spec))
     kwargs = {"dtype": torch.float32}
     if method == "qlora":  # as the run loaded it (model.load_model, sharded)
         kwargs = {"dtype": torch.bfloat16, "quantization_config": BitsAndBytesConfig(

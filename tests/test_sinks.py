@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from distsft import dist
-from distsft.metrics import MetricsWriter
-from distsft.sinks import WANDB_ID_FILE, make_sinks, scalar_tags
-from distsft.spec import validate
+from distsft.runtime import dist
+from distsft.observe.metrics import MetricsWriter
+from distsft.observe.sinks import WANDB_ID_FILE, make_sinks, scalar_tags
+from distsft.config.spec import validate
 
 FAKE_KEY = "f" * 20 + "0123456789abcdef0123"  # 40 characters, the length of a real W&B key
 

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 import helpers as h
-from distsft.checkpoint import EXIT_PREEMPTED, MARKER
+from distsft.checkpoint.preempt import EXIT_PREEMPTED
+from distsft.checkpoint.store import MARKER
 from slurm_cluster import SlurmCluster
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -319,7 +320,7 @@ def test_dry_run_prints_the_script_and_rank_command_without_submitting(slurm_clu
                  "#SBATCH --requeue", "#SBATCH --signal=USR2@120", "#SBATCH --open-mode=append"):
         assert line in p.stdout
     assert re.search(r"^srun .*--kill-on-bad-exit=1 .*-m submitit\.core\._submit ", p.stdout, re.M)
-    assert f"-m distsft.train_entry {out}/run.yaml" in p.stdout and "RANK=$SLURM_PROCID" in p.stdout
+    assert f"-m distsft.train {out}/run.yaml" in p.stdout and "RANK=$SLURM_PROCID" in p.stdout
     assert queued(slurm_cluster, name) == "" and not out.exists()
 
 

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from distsft.spec import RunSpec, SpecError, dump_spec, load_spec
+from distsft.config.spec import RunSpec, dump_spec, load_spec
+from distsft.errors import SpecError
 
 BASE = "model:\n  name_or_path: m\ndata:\n  train_files: [a.jsonl]\n"  # lines 1-4
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distsft import model as model_lib, tokens
-from distsft.spec import validate
+from distsft.train import model as model_lib, tokens
+from distsft.config.spec import validate
 
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %}{{ '<|assistant|>\\n' }}"
             "{% generation %}{{ m['content'] + '<|im_end|>\\n' }}{% endgeneration %}{% else %}"
@@ -21,7 +21,7 @@ def _spec(tiny, peft=None, **model):
 
 def test_template_markers_missing_from_the_vocabulary_are_named_with_the_fix(tiny_model_dir):
     spec = _spec(tiny_model_dir)
-    tok = model_lib.load_tokenizer(spec)
+    tok = tokens.load_tokenizer(spec)
     assert tokens.template_markers(TEMPLATE) == ["<|assistant|>", "<|im_end|>", "<|user|>"]
     assert tokens.missing_template_tokens(tok, TEMPLATE) == NEW  # <|im_end|> is a token of tiny-llama
     msg = tokens.missing_tokens_message(spec, tok)
@@ -29,7 +29,7 @@ def test_template_markers_missing_from_the_vocabulary_are_named_with_the_fix(tin
     assert tokens.plan_warnings(spec) == [msg]
     assert tokens.sanity_results(spec)[0][0] == "WARN"
     fixed = _spec(tiny_model_dir, add_special_tokens=NEW)
-    assert tokens.missing_tokens_message(fixed, model_lib.load_tokenizer(fixed)) is None
+    assert tokens.missing_tokens_message(fixed, tokens.load_tokenizer(fixed)) is None
     assert tokens.sanity_results(fixed)[0][0] == "PASS"
     # The tokenizer's own template (ChatML with tokens it has) is fine.
     own = validate({"model": {"name_or_path": str(tiny_model_dir)}, "data": {"train_files": ["t.jsonl"]}})
@@ -40,7 +40,7 @@ def test_full_fine_tuning_resizes_and_mean_initialises_only_the_new_rows(tiny_mo
     from transformers import AutoModelForCausalLM
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     spec = _spec(tiny_model_dir, add_special_tokens=NEW + ["<|im_start|>"])  # <|im_start|> exists already
-    tok = model_lib.load_tokenizer(spec)
+    tok = tokens.load_tokenizer(spec)
     assert len(tok) == 514 and tok.convert_tokens_to_ids(NEW) == [512, 513]
     assert tokens.new_token_ids(tok) == [512, 513]
     m = model_lib.load_model(spec, "no", "sdpa", torch.device("cpu"), tokenizer=tok)
@@ -57,7 +57,7 @@ def test_lora_and_qlora_train_the_new_rows_with_dora_and_rslora(tiny_model_dir, 
     spec = _spec(tiny_model_dir, peft={"method": method, "use_dora": True, "use_rslora": True, "r": 4,
                                        "lora_alpha": 8, "exclude_modules": ["model.layers.0.self_attn.q_proj"]},
                  add_special_tokens=NEW)
-    tok = model_lib.load_tokenizer(spec)
+    tok = tokens.load_tokenizer(spec)
     m = model_lib.load_model(spec, "bf16" if method == "qlora" else "no", "sdpa", torch.device("cpu"), tokenizer=tok)
     cfg = m.peft_config["default"]
     assert cfg.use_dora and cfg.use_rslora and cfg.trainable_token_indices == {"embed_tokens": [512, 513],
@@ -88,7 +88,7 @@ def test_modules_to_save_takes_the_head_and_tokens_keep_the_embedding(tiny_model
 
 
 def test_a_peft_name_the_model_lacks_is_a_spec_error(tiny_model_dir):
-    from distsft.spec import SpecError
+    from distsft.errors import SpecError
     spec = _spec(tiny_model_dir, peft={"method": "lora", "target_modules": ["no_such_proj"]})
     with pytest.raises(SpecError, match="peft"):
         model_lib.load_model(spec, "no", "sdpa", torch.device("cpu"))

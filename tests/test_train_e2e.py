@@ -37,13 +37,14 @@ def test_two_process_run_trains_logs_once_per_step_and_saves_loadable_outputs(tm
 
 def _independent_loss(out, step: int) -> float:
     """Token-weighted mean over the step's global batch, one example at a time, with the untouched model."""
-    from distsft import data, model as model_lib
-    from distsft.job import cache_root
+    from distsft.data import build as data
+    from distsft.train import model as model_lib, tokens as tokens_lib
+    from distsft.data.split import cache_root
     from distsft.data.sampler import GlobalOrder
-    from distsft.spec import load_spec
+    from distsft.config.spec import load_spec
     spec = load_spec(out / "run.yaml")
-    tok = model_lib.load_tokenizer(spec)
-    ds, stats = data.prepare(spec, tok, "train", cache_root(spec))
+    tok = tokens_lib.load_tokenizer(spec)
+    ds, stats = data.load_or_build(spec, tok, "train", cache_root(spec))
     rows = GlobalOrder(stats["num_rows"], spec.train.global_batch_size, spec.train.seed).step_rows(step - 1)
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(h.TINY, dtype=torch.float32).eval()

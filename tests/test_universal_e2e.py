@@ -23,7 +23,8 @@ import sys
 import helpers as h
 import pytest
 
-from distsft.checkpoint import EXIT_PREEMPTED, MARKER
+from distsft.checkpoint.preempt import EXIT_PREEMPTED
+from distsft.checkpoint.store import MARKER
 
 STEPS = 8
 # fp32: across process counts only the summation order differs; measured ≤ 2.4e-7 over the 8 steps (ZeRO-2
@@ -58,7 +59,7 @@ def _ranks_only(spec, run_dir, gpus):
     """The ranks without `distsft run` (what `distsft submit` starts): render, then `accelerate launch`."""
     h.run("render", spec, "--gpus", gpus, "--out", run_dir, f"train.max_steps={STEPS}", check=True)
     p = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                        str(run_dir / "accelerate.yaml"), "-m", "distsft.train_entry", str(run_dir / "run.yaml")],
+                        str(run_dir / "accelerate.yaml"), "-m", "distsft.train", str(run_dir / "run.yaml")],
                        capture_output=True, text=True, timeout=300, cwd=h.ROOT, check=False,
                        env=dict(h.env(), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1"))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
@@ -114,7 +115,7 @@ def _fake_checkpoint(path, **marker):
 
 
 def test_only_a_zero_checkpoint_from_another_process_count_needs_the_universal_checkpoint(tmp_path):
-    from distsft import universal
+    from distsft.checkpoint import universal
     ds = _fake_checkpoint(tmp_path / "ds" / "checkpoint-3")
     (ds / "global_step3").mkdir()
     (ds / "latest").write_text("global_step3")
@@ -128,7 +129,7 @@ def test_only_a_zero_checkpoint_from_another_process_count_needs_the_universal_c
 
 
 def test_load_universal_is_added_to_a_copy_of_the_rendered_config():
-    from distsft import universal
+    from distsft.checkpoint import universal
     cfg = {"train_batch_size": 8, "zero_optimization": {"stage": 3}}
     out = universal.with_load_universal(cfg)
     assert out["checkpoint"] == {"load_universal": True} and "checkpoint" not in cfg
@@ -136,8 +137,8 @@ def test_load_universal_is_added_to_a_copy_of_the_rendered_config():
 
 
 def test_a_failed_conversion_is_one_clear_error_and_leaves_nothing_behind(tmp_path):
-    from distsft import universal
-    from distsft.spec import SpecError
+    from distsft.checkpoint import universal
+    from distsft.errors import SpecError
     ckpt = _fake_checkpoint(tmp_path / "checkpoint-3")
     (ckpt / "global_step3").mkdir()
     (ckpt / "global_step3" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"not a torch file")
@@ -152,7 +153,7 @@ def test_the_other_ranks_wait_for_the_conversion_without_a_collective(tmp_path):
     import threading
     import time
 
-    from distsft import universal
+    from distsft.checkpoint import universal
     ckpt = _fake_checkpoint(tmp_path / "checkpoint-3")
     (ckpt / "global_step3").mkdir()
     (ckpt / "latest").write_text("global_step3")

@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .spec import SpecError
+from distsft.errors import SpecError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="One YAML run spec to a supervised fine-tuning job: locally or on SLURM.")
@@ -45,9 +45,9 @@ def _exit_with(command: Any, *args: Any, **kwargs: Any) -> None:
 def _data_stats(spec: Any) -> tuple[dict[str, Any] | None, str | None]:
     """Tokenize and pack the data for the plan when it can be read ({split: stats}); otherwise say why."""
     try:
-        from .prepare import prepare_data
+        from distsft.launch.prepare import build_caches
         # Local files and the HF cache only: a plan must not hang on hub retries when offline.
-        return prepare_data(spec, local_files_only=True), None
+        return build_caches(spec, local_files_only=True), None
     except SpecError as exc:
         return None, str(exc)
 
@@ -58,8 +58,8 @@ def plan(spec_path: Path = typer.Argument(..., metavar="SPEC"), overrides: Optio
          as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
          no_data: bool = typer.Option(False, "--no-data", help="skip reading the data")) -> None:
     """Validate the spec and show the plan: batch arithmetic, data, steps, memory."""
-    from .plan import make_plan
-    from .spec import load_spec
+    from distsft.plan.report import make_plan
+    from distsft.config.spec import load_spec
     # Libraries print to stdout (DeepSpeed's accelerator notice); keep stdout for the plan itself.
     with contextlib.redirect_stdout(sys.stderr):
         try:
@@ -68,14 +68,14 @@ def plan(spec_path: Path = typer.Argument(..., metavar="SPEC"), overrides: Optio
             all_stats, why = (None, "skipped (--no-data)") if no_data else _data_stats(spec)
             stats = all_stats["train"] if all_stats else None
             p = make_plan(spec, stats)
-            from .tokens import plan_warnings
+            from distsft.train.tokens import plan_warnings
             p.warnings += plan_warnings(spec)  # template markers missing from the vocabulary (trl#1668)
-            from .hardware import kernel_warnings
+            from distsft.runtime.hardware import kernel_warnings
             p.warnings += kernel_warnings(spec.model.use_liger_kernel)
         except SpecError as exc:
             _fail(str(exc))
             return
-        from .memory import estimate
+        from distsft.plan.memory import estimate
         mem = estimate(spec, p)
         if mem:
             p.num_parameters = mem.get("num_parameters")
@@ -86,19 +86,19 @@ def plan(spec_path: Path = typer.Argument(..., metavar="SPEC"), overrides: Optio
         d["memory"] = mem
         d["data_note"] = why
         d["plots"] = plots
-        from .prepare import figures
+        from distsft.launch.prepare import figures
         d.update(figures(all_stats) if all_stats else {"sources": None, "eval_sets": None})
         typer.echo(json.dumps(d, indent=1, default=str))
         return
     _print_plan(spec, p, mem, why, plots)
     if all_stats:
-        from .prepare import describe
+        from distsft.launch.prepare import describe
         Console().print("\n".join(describe(all_stats)), highlight=False, soft_wrap=True)
 
 
 def _plots(spec: Any, p: Any, stats: dict[str, Any] | None) -> list[str]:
     try:
-        from .plots import plan_plots
+        from distsft.observe.plots import plan_plots
     except ImportError:
         return []
     return [str(x) for x in plan_plots(spec, p.total_steps, p.warmup_steps, stats)]
@@ -109,7 +109,7 @@ def _gb(x: float) -> str:
 
 
 def _print_plan(spec: Any, p: Any, mem: dict[str, Any] | None, why: str | None, plots: list[str]) -> None:
-    from .schedules import final_lr_note
+    from distsft.config.schedules import final_lr_note
     out = Console()
     t = Table(title=f"distsft plan — {spec.model.name_or_path}", show_header=False, title_justify="left")
     t.add_column(style="bold")
@@ -164,10 +164,10 @@ def render(spec_path: Path = typer.Argument(..., metavar="SPEC"), overrides: Opt
            nodes: Optional[int] = NODES, gpus: Optional[int] = GPUS,
            out: Path = typer.Option(..., "--out", help="directory for run.yaml, accelerate.yaml, deepspeed.json")) -> None:
     """Write the resolved spec and the Accelerate/DeepSpeed configs."""
-    from .hardware import cuda_info
-    from .plan import make_plan
-    from .render import write_run_dir
-    from .spec import load_spec
+    from distsft.runtime.hardware import cuda_info
+    from distsft.plan.report import make_plan
+    from distsft.launch.run_files import write_run_dir
+    from distsft.config.spec import load_spec
     try:
         spec = load_spec(spec_path, overrides, nodes=nodes, gpus=gpus)
         make_plan(spec)
@@ -185,7 +185,7 @@ def run(spec_path: Path = typer.Argument(..., metavar="SPEC"), overrides: Option
         gpus: Optional[int] = GPUS) -> None:
     """Train on this machine (accelerate launch); CPU processes over gloo when there is no CUDA.
     Rerunning the same command resumes from the newest complete checkpoint."""
-    from .launcher import run as run_local
+    from distsft.launch.local import run as run_local
     _exit_with(run_local, str(spec_path), overrides or [], gpus)
 
 
@@ -202,7 +202,7 @@ def submit(spec_path: Path = typer.Argument(..., metavar="SPEC"), overrides: Opt
            no_prepare: bool = typer.Option(False, "--no-prepare",
                                            help="do not build the data caches here; the job's ranks build them")) -> None:
     """Submit to SLURM through submitit: validated, planned and the data prepared on this host first."""
-    from .slurm import submit as submit_job
+    from distsft.launch.slurm import submit as submit_job
     extra = [f"slurm.{k}={v}" for k, v in (("partition", partition), ("account", account), ("qos", qos),
                                             ("time_min", time_min), ("constraint", constraint)) if v is not None]
     _exit_with(submit_job, str(spec_path), (overrides or []) + extra, nodes=nodes, gpus=gpus, wait=wait,
@@ -213,7 +213,7 @@ def submit(spec_path: Path = typer.Argument(..., metavar="SPEC"), overrides: Opt
 def prepare(spec_path: Path = typer.Argument(..., metavar="SPEC"), overrides: Optional[list[str]] = OVERRIDES,
             nodes: Optional[int] = NODES, gpus: Optional[int] = GPUS) -> None:
     """Build the train and eval data caches now (before any job) and print the data figures."""
-    from .prepare import run as run_prepare
+    from distsft.launch.prepare import prepare as run_prepare
     _exit_with(run_prepare, str(spec_path), overrides or [], nodes, gpus)
 
 
@@ -221,7 +221,7 @@ def prepare(spec_path: Path = typer.Argument(..., metavar="SPEC"), overrides: Op
 def sanity(spec_path: Path = typer.Argument(..., metavar="SPEC"), overrides: Optional[list[str]] = OVERRIDES,
            gpus: Optional[int] = GPUS) -> None:
     """10–20 steps on a small subset: masking, falling loss, generation. PASS/WARN lines; exit 0 or 1."""
-    from .sanity import run_sanity
+    from distsft.sanity import run_sanity
     _exit_with(run_sanity, str(spec_path), overrides or [], gpus)
 
 

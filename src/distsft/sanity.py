@@ -15,7 +15,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-from .spec import RunSpec, dump_spec, load_spec
+from distsft.config.spec import RunSpec, dump_spec, load_spec
 
 STEPS = 15
 SUBSET = 400
@@ -26,12 +26,13 @@ def check_masking(spec: RunSpec, n: int = 3) -> tuple[list[tuple[str, str]], dic
     """The first examples rendered with their loss-carrying text marked [[like this]], the verdicts
     (data.inspect: each labelled span holds its turn's answer and ends where it ends, and a second way
     of locating the spans agrees), and the data stats."""
-    from . import data, model as model_lib
-    from .data.build import sample_records
-    from .data.inspect import check_records
-    from .job import cache_root
-    tok = model_lib.load_tokenizer(spec)
-    ds, stats = data.prepare(spec, tok, "train", cache_root(spec))
+    from distsft.data import build as data
+    from distsft.train import model as model_lib, tokens as tokens_lib
+    from distsft.data.build import sample_records
+    from distsft.data.inspect import check_records
+    from distsft.data.split import cache_root
+    tok = tokens_lib.load_tokenizer(spec)
+    ds, stats = data.load_or_build(spec, tok, "train", cache_root(spec))
     pairs, d = sample_records(spec, n)
 
     results = check_records(tok, d, pairs, show=lambda t: console.print(escape(t), highlight=False))
@@ -75,13 +76,13 @@ def _subset_batch(spec: RunSpec, rows: int) -> None:
 
 
 def run_sanity(spec_path: str, overrides: list[str], gpus: int | None) -> int:
-    from . import launcher
-    from .metrics import read_metrics
+    from distsft.launch import local as launcher
+    from distsft.observe.metrics import read_metrics
     user = load_spec(spec_path, overrides, gpus=gpus)
     out = Path(tempfile.mkdtemp(prefix="distsft-sanity-"))
     spec = _sanity_spec(user, out / "run")
     results, stats = check_masking(spec)
-    from .tokens import sanity_results
+    from distsft.train.tokens import sanity_results
     results += sanity_results(spec)  # template markers missing from the vocabulary (trl#1668)
     _subset_batch(spec, stats["num_rows"])
     spec_file = out / "sanity.yaml"

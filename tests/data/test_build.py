@@ -5,10 +5,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from distsft import data
+from distsft.data import build as data
+import inmemory
 from distsft.data import formats
 from distsft.data import cache as data_cache
-from distsft.spec import DataSpec, SpecError
+from distsft.config.spec import DataSpec
+from distsft.errors import SpecError
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "data"
 TRL_TEMPLATES = None
@@ -73,7 +75,7 @@ def _labelled_runs(tok, ids, labels):
 def _tokenize_one(tok, conv, **spec_kw):
     from datasets import Dataset
     spec = DataSpec(train_files=["x"], **{"max_length": 512, **spec_kw})
-    ds, stats = data.tokenize(Dataset.from_dict({"messages": [conv]}), tok, spec)
+    ds, stats = inmemory.tokenize(Dataset.from_dict({"messages": [conv]}), tok, spec)
     return ds[0]["input_ids"], ds[0]["labels"], stats
 
 
@@ -138,26 +140,26 @@ def test_template_errors_name_the_row(tiny_tokenizer, tmp_path):
     f.write_text(json.dumps({"messages": CONV}) + "\n")
     spec = DataSpec(train_files=[str(f)])
     with pytest.raises(SpecError, match=rf"{f}:1: the chat template failed.*roles must alternate"):
-        data.tokenize(data.load_records([str(f)], "messages", spec), tok, spec)
+        inmemory.tokenize(inmemory.load_records([str(f)], "messages", spec), tok, spec)
     tok.chat_template = None
     with pytest.raises(SpecError, match="has no chat template; set data.chat_template"):
-        data.tokenize(data.load_records([str(f)], "messages", spec), tok, spec)
+        inmemory.tokenize(inmemory.load_records([str(f)], "messages", spec), tok, spec)
 
 
 def test_instruction_format_and_system_prompt(tiny_tokenizer):
     spec = DataSpec(train_files=["x"], format="instruction", system_prompt="Be exact.")
-    ds = data.load_records([str(EXAMPLES / "instruct.jsonl")], "instruction", spec)
+    ds = inmemory.load_records([str(EXAMPLES / "instruct.jsonl")], "instruction", spec)
     rows = [json.loads(line) for line in (EXAMPLES / "instruct.jsonl").open()]
     for row, msgs in zip(rows, ds["messages"]):
         user = row["instruction"] + (f"\n\n{row['input']}" if row["input"] else "")
         assert msgs == [{"role": "system", "content": "Be exact."}, {"role": "user", "content": user},
                         {"role": "assistant", "content": row["output"]}]
-    tok_ds, _ = data.tokenize(ds, tiny_tokenizer, spec)
+    tok_ds, _ = inmemory.tokenize(ds, tiny_tokenizer, spec)
     assert _labelled_runs(tiny_tokenizer, tok_ds[0]["input_ids"], tok_ds[0]["labels"]) == [
         rows[0]["output"] + "<|im_end|>\n"]
     # A conversation that has its own system message keeps it.
     spec = DataSpec(train_files=["x"], system_prompt="Be exact.")
-    msgs = formats._conversation({"messages": CONV}, "here", spec)
+    msgs = formats.chat_messages({"messages": CONV}, "here", spec)
     assert msgs == CONV
 
 
@@ -173,7 +175,7 @@ def test_overlong_truncate_and_drop_counts(tiny_tokenizer, tmp_path):
     f = _write(tmp_path / "d.jsonl", [short, long_prompt, long_answer])
     for overlong, kept, dropped, truncated in [("truncate", 2, 1, 1), ("drop", 1, 2, 0)]:
         spec = DataSpec(train_files=[f], max_length=32, overlong=overlong, packing=False)
-        ds, stats = data.tokenize(data.load_records([f], "messages", spec), tiny_tokenizer, spec)
+        ds, stats = inmemory.tokenize(inmemory.load_records([f], "messages", spec), tiny_tokenizer, spec)
         assert (stats["num_examples"], stats["num_dropped"], stats["num_truncated"]) == (kept, dropped, truncated)
         assert max(ds["length"]) <= 32 and all(any(x != -100 for x in lab) for lab in ds["labels"])
 
@@ -183,7 +185,7 @@ def test_prepare_packs_caches_and_keys(tiny_tokenizer, tmp_path, monkeypatch):
     f.write_text((EXAMPLES / "train.jsonl").read_text())
     spec = DataSpec(train_files=[str(f)], max_length=128, max_train_examples=300)
     root = tmp_path / "cache"
-    ds, stats = data.prepare(spec, tiny_tokenizer, "train", root)
+    ds, stats = data.load_or_build(spec, tiny_tokenizer, "train", root)
     key = data_cache.cache_key(spec, tiny_tokenizer, "train")
     assert sorted(p.name for p in root.iterdir()) == [key]  # no temporary directory left behind
     assert ds.column_names == ["input_ids", "labels", "seq_lengths"]
@@ -201,7 +203,7 @@ def test_prepare_packs_caches_and_keys(tiny_tokenizer, tmp_path, monkeypatch):
     json.dumps(stats)
 
     monkeypatch.setattr(data, "build", lambda *a, **k: pytest.fail("cache miss"))
-    again, stats2 = data.prepare(spec, tiny_tokenizer, "train", root)
+    again, stats2 = data.load_or_build(spec, tiny_tokenizer, "train", root)
     assert again[:] == ds[:] and stats2 == stats
     monkeypatch.undo()
     other, _ = data.build(spec, tiny_tokenizer, "train", tmp_path / "other")
@@ -220,7 +222,7 @@ def test_prepare_packs_caches_and_keys(tiny_tokenizer, tmp_path, monkeypatch):
 
 def test_packing_off_one_example_per_row(tiny_tokenizer, tmp_path):
     spec = DataSpec(train_files=[str(EXAMPLES / "eval.jsonl")], max_length=128, packing=False)
-    ds, stats = data.prepare(spec, tiny_tokenizer, "train", tmp_path)
+    ds, stats = data.load_or_build(spec, tiny_tokenizer, "train", tmp_path)
     assert len(ds) == stats["num_examples"] == stats["num_rows"]
     assert all(len(s) == 1 for s in ds["seq_lengths"])
 
@@ -235,7 +237,7 @@ def test_other_file_types(tiny_tokenizer, tmp_path):
     Dataset.from_list(rows).save_to_disk(str(tmp_path / "disk"))
     DatasetDict({"train": Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "dict"))
     for name in ("a.json", "lines.json", "a.parquet", "disk", "dict"):
-        ds = data.load_records([str(tmp_path / name)], "messages", spec)
+        ds = inmemory.load_records([str(tmp_path / name)], "messages", spec)
         assert ds["messages"] == [r["messages"] for r in rows], name
 
 
@@ -259,23 +261,23 @@ def test_bad_input_gives_one_clear_spec_error(tmp_path, content, fmt, words):
     f = tmp_path / "d.jsonl"
     f.write_text(content)
     with pytest.raises(SpecError, match=words):
-        data.load_records([str(f)], fmt, DataSpec(train_files=[str(f)], format=fmt))
+        inmemory.load_records([str(f)], fmt, DataSpec(train_files=[str(f)], format=fmt))
 
 
 def test_missing_files_and_hub_ids(tmp_path, monkeypatch):
     spec = DataSpec(train_files=["x"])
     with pytest.raises(SpecError, match="data file not found: .*nope.jsonl"):
-        data.load_records([str(tmp_path / "nope.jsonl")], "messages", spec)
+        inmemory.load_records([str(tmp_path / "nope.jsonl")], "messages", spec)
     (tmp_path / "t.txt").write_text("a,b\n")
     with pytest.raises(SpecError, match="unsupported file type .txt"):
-        data.load_records([str(tmp_path / "t.txt")], "messages", spec)
+        inmemory.load_records([str(tmp_path / "t.txt")], "messages", spec)
     from datasets import Dataset
     Dataset.from_list([{"text": "a"}]).to_parquet(str(tmp_path / "p.parquet"))
     with pytest.raises(SpecError, match=r"p.parquet: no column 'messages'; columns are \['text'\]"):
-        data.load_records([str(tmp_path / "p.parquet")], "messages", spec)
+        inmemory.load_records([str(tmp_path / "p.parquet")], "messages", spec)
 
     def offline(*a, **k):
         raise ConnectionError("Couldn't reach the Hub")
     monkeypatch.setattr("datasets.load_dataset", offline)
     with pytest.raises(SpecError, match="someone/chats.*not a local path.*Hub.*Couldn't reach"):
-        data.load_records(["someone/chats"], "messages", spec)
+        inmemory.load_records(["someone/chats"], "messages", spec)

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from distsft import data, hardware
+from distsft.data import build as data
+from distsft.runtime import hardware
 from distsft.data import cache as data_cache
-from distsft.spec import load_spec
+from distsft.config.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
@@ -42,8 +43,8 @@ def _spec(setup, *overrides):
 
 
 def _build(spec):
-    from distsft.model import load_tokenizer
-    return data.prepare(spec, load_tokenizer(spec), "train", data_cache.default_cache_root(spec))[1]
+    from distsft.train.tokens import load_tokenizer
+    return data.load_or_build(spec, load_tokenizer(spec), "train", data_cache.default_cache_root(spec))[1]
 
 
 def test_index_gives_the_stats_of_the_cached_split_without_a_tokenizer(setup):
@@ -118,10 +119,10 @@ def _launcher_prepare(setup, *overrides):
     """launcher.prepare in a fresh interpreter: (stats, heavy modules it imported)."""
     code = textwrap.dedent(f"""
         import json, sys
-        from distsft import launcher
-        from distsft.spec import load_spec
+        from distsft.launch import local as launcher
+        from distsft.config.spec import load_spec
         spec = load_spec({str(setup['spec_file'])!r}, {list(overrides)!r}, gpus=1)
-        stats = launcher.prepare(spec, cuda=False)
+        stats = launcher.ready_for_ranks(spec, cuda=False)
         heavy = sorted(m for m in ("torch", "transformers", "datasets") if m in sys.modules)
         print(json.dumps({{"stats": stats, "heavy": heavy}}))
         """)

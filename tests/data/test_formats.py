@@ -6,9 +6,10 @@ import json
 
 import pytest
 
-from distsft import data
+from distsft.data import build as data
 from distsft.data.examples import Encoder
-from distsft.spec import DataSpec, SpecError
+from distsft.config.spec import DataSpec
+from distsft.errors import SpecError
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"},
         {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And Italy?"},

@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from distsft import data
+from distsft.data import build as data
 from distsft.data import cache as data_cache
 from distsft.data import mixture
-from distsft.spec import SpecError, validate
+from distsft.errors import SpecError
+from distsft.config.spec import validate
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples" / "data"
@@ -58,7 +59,7 @@ def test_mixture_of_formats_fractions_and_counts(tiny_tokenizer, tmp_path, files
         {"path": files["chat"], "fraction": 0.25},
         {"path": files["inst"], "format": "instruction", "count": 250},   # < 100 records: each 2 or 3 times
         {"path": files["renamed"], "columns": {"messages": "conversations"}, "fraction": 2.0}])
-    ds, stats = data.prepare(spec, tiny_tokenizer, "train", data_cache.default_cache_root(spec))
+    ds, stats = data.load_or_build(spec, tiny_tokenizer, "train", data_cache.default_cache_root(spec))
     quarter = round(files["n_chat"] / 4)
     assert [s["examples"] for s in stats["sources"]] == [quarter, 250, 400]
     assert [s["path"] for s in stats["sources"]] == [files["chat"], files["inst"], files["renamed"]]
@@ -95,8 +96,8 @@ def test_val_split_and_eval_sets(tiny_tokenizer, tmp_path, files):
                  val_set_size=0.1, eval_sources=[{"path": files["eval"], "label": "chat_eval"},
                                                  {"path": files["inst"], "format": "instruction"}])
     root = data_cache.default_cache_root(spec)
-    train, tstats = data.prepare(spec, tiny_tokenizer, "train", root)
-    ev, estats = data.prepare(spec, tiny_tokenizer, "eval", root)
+    train, tstats = data.load_or_build(spec, tiny_tokenizer, "train", root)
+    ev, estats = data.load_or_build(spec, tiny_tokenizer, "eval", root)
     sets = estats["eval_sets"]
     assert [s["label"] for s in sets] == ["val", "chat_eval", "instruct"]
     n_train = files["n_chat"] + files["n_inst"]
@@ -108,8 +109,8 @@ def test_val_split_and_eval_sets(tiny_tokenizer, tmp_path, files):
     assert sets[0]["rows"][0] == 0 and sets[-1]["rows"][1] == len(ev) == estats["num_rows"]
     assert all(a["rows"][1] == b["rows"][0] for a, b in zip(sets, sets[1:]))
     # a count, and the job's split of the eval cache into sets
-    from distsft.job import _eval_sets
-    parts = _eval_sets(ev, estats)
+    from distsft.data.split import eval_sets
+    parts = eval_sets(ev, estats)
     assert list(parts) == ["val", "chat_eval", "instruct"] and sum(len(p) for p in parts.values()) == len(ev)
     # a count; held out whole: no validation example is trained on (the fixture's chats are distinct)
     spec2 = _spec(tmp_path, sources=[{"path": files["chat"], "fraction": 1.5}], val_set_size=37)
@@ -212,7 +213,7 @@ def test_spec_rejects_bad_mixtures(data_kw, words):
 
 def test_progress_plain_lines(monkeypatch, capsys):
     import io
-    from distsft.data import progress
+    from distsft.observe import progress
     monkeypatch.setattr(progress, "_SHOW_AFTER_S", 0.0)
     out = io.StringIO()
     with progress.BuildProgress(1000, "train data", stream=out) as bar:

@@ -21,7 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from distsft.spec import SpecError
+from distsft.errors import SpecError
 
 DATA_FORMAT_VERSION = 3  # bump when the cached layout or the labelling rules change
 INDEX_DIR = "index"

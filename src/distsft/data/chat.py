@@ -24,26 +24,15 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from distsft.spec import SpecError
+from distsft.data.chatdiff import diff_span
+from distsft.data.turns import REASONING_FIELDS, Span, TemplateMismatch, reasoning_of, visible_content
+from distsft.errors import SpecError
 
 GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
-REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # as transformers aliases them
 
-
-class TemplateMismatch(Exception):
-    """An assistant turn's span cannot be located unambiguously in the rendered conversation."""
-
-
-@dataclass
-class Span:
-    index: int                 # the assistant message's index in the conversation
-    start: int                 # [start, end) in the rendered text
-    end: int
-    reasoning_dropped: bool = False  # the turn has reasoning that the template did not render here
 
 
 def tokenizer_name(tokenizer: Any) -> str:
@@ -126,19 +115,6 @@ def _has_delims(messages: list[dict], tools: Any) -> bool:
     return tools is not None and any(d in str(tools) for d in "\ue010\ue011")
 
 
-def visible_content(content: str) -> list[str]:
-    """What a template may render of a content string: itself, or (templates that split out an
-    inline think block, like DeepSeek-R1's) the part after `</think>`; both modulo stripping."""
-    out = [content.strip()]
-    if "</think>" in content:
-        out.append(content.split("</think>")[-1].strip())
-    return out
-
-
-def reasoning_of(msg: dict) -> str | None:
-    return next((msg[k] for k in REASONING_FIELDS if isinstance(msg.get(k), str) and msg[k].strip()), None)
-
-
 def _dropped(msg: dict, text: str) -> bool:
     """Whether the turn's reasoning (a field, or a think block inline in its content) is not in `text`."""
     r = reasoning_of(msg)
@@ -171,7 +147,7 @@ class ChatRenderer:
         added = [t for t in (tokenizer.get_added_vocab() if hasattr(tokenizer, "get_added_vocab") else {})
                  if t.strip()]
         alt = "|".join(map(re.escape, sorted(added, key=len, reverse=True)))
-        self._added = re.compile(alt) if added else None
+        self.added = re.compile(alt) if added else None
         self._ends_added = re.compile(rf"(?:{alt})\s*\Z") if added else None
         self._next_added = re.compile(rf"\s*(?:{alt})") if added else None
 
@@ -207,7 +183,7 @@ class ChatRenderer:
                 blocks.append(block)
         return "".join(blocks), indices
 
-    def _try(self, messages: list[dict], add_generation_prompt: bool, tools: Any, extra: dict | None
+    def try_render(self, messages: list[dict], add_generation_prompt: bool, tools: Any, extra: dict | None
              ) -> str | None:
         if not messages:
             return None
@@ -227,7 +203,6 @@ class ChatRenderer:
         want = [i for i, m in enumerate(messages) if m["role"] == "assistant" and (turns is None or i in turns)]
         if self.has_markers and method == "auto":
             return self._marked_spans(messages, tools, extra, want)
-        from distsft.data.chatdiff import diff_span  # it builds on this module
         full = self.render(messages, False, tools, extra)
         spans = []
         for i in want:
@@ -258,8 +233,8 @@ class ChatRenderer:
     def _prefix_span(self, full: str, messages: list[dict], i: int, tools: Any, extra: dict | None
                      ) -> Span | None:
         """The span when the conversation up to turn i renders as a prefix of the whole (exact then)."""
-        pre = self._try(messages[:i], True, tools, extra)
-        thru = full if i == len(messages) - 1 else self._try(messages[: i + 1], False, tools, extra)
+        pre = self.try_render(messages[:i], True, tools, extra)
+        thru = full if i == len(messages) - 1 else self.try_render(messages[: i + 1], False, tools, extra)
         if not (pre is not None and thru is not None and len(pre) < len(thru)
                 and full.startswith(thru) and thru.startswith(pre)):
             return None
@@ -273,7 +248,7 @@ class ChatRenderer:
         return self.close(full, Span(i, s, e, _dropped(msg, text)))
 
     def close(self, full: str, span: Span) -> Span:
-        if self._added and not self._ends_added.search(full, max(span.start, span.end - 64), span.end):
+        if self.added and not self._ends_added.search(full, max(span.start, span.end - 64), span.end):
             # No end-of-turn token after the answer (GLM-4): the model stops by emitting the next
             # header token (<|user|>), so that token is the target to learn.
             if m := self._next_added.match(full, span.end):

@@ -11,12 +11,9 @@ prompt, e.g. Mistral's space, and the end-of-turn text). Anything else is a `Tem
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from distsft.data.chat import REASONING_FIELDS, Span, TemplateMismatch, reasoning_of, visible_content
-
-if TYPE_CHECKING:
-    from distsft.data.chat import ChatRenderer
+from distsft.data.turns import REASONING_FIELDS, Renderer, Span, TemplateMismatch, reasoning_of, visible_content
 
 _KINDS = {"content": "content", "reasoning": "reasoning", "name": "tool calls"}
 
@@ -50,7 +47,7 @@ def _diff(a: str, b: str) -> tuple[int, int]:
     return p, _lcs(a, b, min(len(a), len(b)) - p)
 
 
-def _variant(r: ChatRenderer, messages: list[dict], i: int, taken: str) -> tuple[list[dict], list[tuple[str, str, str]]]:
+def _variant(r: Renderer, messages: list[dict], i: int, taken: str) -> tuple[list[dict], list[tuple[str, str, str]]]:
     """Messages with turn i's content, reasoning and tool-call names replaced by sentinels, and
     the (kind, sentinel, original) triples."""
     a, b = next((x, y) for x, y in (("\ue000", "\ue001"), ("\U000f0000", "\U000f0001"), ("\x1e", "\x1f"))
@@ -84,7 +81,7 @@ def _variant(r: ChatRenderer, messages: list[dict], i: int, taken: str) -> tuple
     out[i] = msg
     return out, sentinels
 
-def diff_span(r: ChatRenderer, full: str, messages: list[dict], i: int, tools: Any, extra: dict | None) -> Span:
+def diff_span(r: Renderer, full: str, messages: list[dict], i: int, tools: Any, extra: dict | None) -> Span:
     variant, sentinels = _variant(r, messages, i, full)
     if not sentinels:
         raise TemplateMismatch(f"assistant turn {i} has no content, reasoning or tool calls to locate")
@@ -100,7 +97,7 @@ def diff_span(r: ChatRenderer, full: str, messages: list[dict], i: int, tools: A
     # after it (end-of-turn) as far as the final render agrees, the part before it (after the
     # generation prompt, e.g. Mistral's space) where the final render has it.
     last = i == len(messages) - 1
-    thru = full if last else r._try(messages[: i + 1], False, tools, extra)
+    thru = full if last else r.try_render(messages[: i + 1], False, tools, extra)
     tail = ""
     if thru is not None:
         try:
@@ -115,7 +112,7 @@ def diff_span(r: ChatRenderer, full: str, messages: list[dict], i: int, tools: A
     end = len(full) - s
     return r.close(full, Span(i, start, end + _tail_len(r, full, end, tail), dropped))
 
-def _lead(r: ChatRenderer, messages: list[dict], variant: list[dict], i: int, tools: Any, extra: dict | None) -> str:
+def _lead(r: Renderer, messages: list[dict], variant: list[dict], i: int, tools: Any, extra: dict | None) -> str:
     """What the template writes between the generation prompt and turn i's content, measured on
     the shortest conversation ending at turn i that renders prefix-stably: itself, without its
     system message (Mistral moves it), or only the user turn before it."""
@@ -127,8 +124,8 @@ def _lead(r: ChatRenderer, messages: list[dict], variant: list[dict], i: int, to
         probes.append([users[-1], i])
     for idx in probes:
         msgs = [messages[k] for k in idx]
-        pre = r._try(msgs[:-1], True, tools, extra)
-        thru = r._try(msgs, False, tools, extra)
+        pre = r.try_render(msgs[:-1], True, tools, extra)
+        thru = r.try_render(msgs, False, tools, extra)
         if pre is None or thru is None:
             continue
         start = len(pre) if thru.startswith(pre) else None
@@ -136,11 +133,11 @@ def _lead(r: ChatRenderer, messages: list[dict], variant: list[dict], i: int, to
             # The turn departs from the generation prompt inside it (Nemotron: the prompt opens a
             # think block that the rendered turn writes empty): the lead starts where they part.
             # Parting earlier (Mistral's system message) is no lead at all.
-            bare = r._try(msgs[:-1], False, tools, extra)
+            bare = r.try_render(msgs[:-1], False, tools, extra)
             start = _lcp(pre, thru, min(len(pre), len(thru)))
             if bare is None or not pre.startswith(bare) or start < len(bare):
                 continue
-        v = r._try([variant[k] for k in idx], False, tools, extra)
+        v = r.try_render([variant[k] for k in idx], False, tools, extra)
         if v is None:
             continue
         tp = _diff(thru, v)[0]
@@ -148,16 +145,16 @@ def _lead(r: ChatRenderer, messages: list[dict], variant: list[dict], i: int, to
             return thru[start:tp]
     return ""
 
-def _lead_len(r: ChatRenderer, full: str, p: int, lead: str) -> int:
+def _lead_len(r: Renderer, full: str, p: int, lead: str) -> int:
     """How far the span extends before the content: all of `lead` when the final render has it,
     else the part of it from a special token on (Qwen3 drops the think block of a history turn
     but keeps `<tool_call>`), else nothing (never the header's own newline)."""
     if not lead:
         return 0
     n = _lcs(full[:p], lead, min(p, len(lead)))
-    if n == len(lead) or not r._added:
+    if n == len(lead) or not r.added:
         return n if n == len(lead) else 0
-    m = r._added.search(lead, len(lead) - n)
+    m = r.added.search(lead, len(lead) - n)
     return len(lead) - m.start() if m else 0
 
 def _verify(region: str, vregion: str, v: str, sentinels: list[tuple[str, str, str]], i: int) -> bool:
@@ -193,13 +190,13 @@ def _verify(region: str, vregion: str, v: str, sentinels: list[tuple[str, str, s
             dropped = True  # the template cut an inline think block out of the content
     return dropped
 
-def _tail_len(r: ChatRenderer, full: str, end: int, tail: str) -> int:
+def _tail_len(r: Renderer, full: str, end: int, tail: str) -> int:
     n = _lcp(full[end:end + len(tail)], tail, min(len(tail), len(full) - end)) if tail else 0
-    for m in r._added.finditer(tail) if r._added else ():
+    for m in r.added.finditer(tail) if r.added else ():
         if m.start() < n < m.end():  # never stop inside a special token
             n = m.start()
             break
-    if n == 0 and r._added and (m := r._added.match(full, end)):
+    if n == 0 and r.added and (m := r.added.match(full, end)):
         n = m.end() - end  # nothing in common: the turn's own end-of-turn token
     return n
 

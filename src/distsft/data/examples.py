@@ -15,10 +15,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from distsft.data.chat import ChatRenderer, TemplateMismatch, chat_template_or_none, resolve_chat_template
+from distsft.data.chat import ChatRenderer, chat_template_or_none, resolve_chat_template
+from distsft.data.turns import TemplateMismatch
 from distsft.data.encode import OffsetEncoder, label_mask
 from distsft.data.formats import Conversation, to_conversation
-from distsft.spec import SpecError
+from distsft.errors import SpecError
 
 REASONING_HISTORY = ("data: the chat template does not render the reasoning of earlier assistant turns, so "
                      "under data.assistant_turns: all it carries no loss; set data.assistant_turns: split to "

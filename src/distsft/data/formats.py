@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from distsft.spec import SpecError
+from distsft.errors import SpecError
 
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -186,7 +186,7 @@ def to_conversation(rec: Any, where: str, spec: Any, eos: str | None = None) -> 
         msgs = [{**m, "loss": False} if m["role"] == "assistant" else m for m in head] + tail
         tools, kwargs = _row_extras(rec, where)
         return _finish(Conversation(msgs, tools, kwargs), where, spec)
-    msgs = _conversation(rec, where, spec)  # validates rec first
+    msgs = chat_messages(rec, where, spec)  # validates rec first
     return Conversation(msgs, *_row_extras(rec, where))
 
 
@@ -198,7 +198,7 @@ def _finish(conv: Conversation, where: str, spec: Any) -> Conversation:
     return conv
 
 
-def _conversation(rec: Any, where: str, spec: Any) -> list[dict]:
+def chat_messages(rec: Any, where: str, spec: Any) -> list[dict]:
     """The validated messages of a chat-shaped record (messages, sharegpt or instruction)."""
     if spec.format == "instruction":
         inst = _need(rec, spec.instruction_column, "instruction_column", where, spec)

@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from distsft.data.chat import ChatRenderer, visible_content
+from distsft.data.chat import ChatRenderer
+from distsft.data.turns import visible_content
 from distsft.data.encode import label_mask
 from distsft.data.examples import Encoder, Rendered
 
@@ -48,8 +49,8 @@ def _end_ok(renderer: ChatRenderer, text: str, turn: dict) -> str | None:
         k = text.rfind(ans)
         if k >= 0:
             rest = text[k + len(ans):]
-            if renderer._added is not None:
-                rest = renderer._added.sub("", rest)
+            if renderer.added is not None:
+                rest = renderer.added.sub("", rest)
             return None if not rest.strip() else f"text after the answer in its span: {rest.strip()[:40]!r}"
     return f"the answer {answers[0][:40]!r} is not in its labelled span"
 

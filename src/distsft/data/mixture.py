@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from distsft.spec import SourceSpec, SpecError
+from distsft.config.spec import SourceSpec
+from distsft.errors import SpecError
 
 VAL_LABEL = "val"
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from distsft.data.packing import pack_bfd
-from distsft.spec import SpecError
+from distsft.errors import SpecError
 
 _TOKENS_PER_BATCH = 1 << 22  # tokens per written record batch (~16 MB per column)
 

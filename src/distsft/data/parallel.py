@@ -7,7 +7,7 @@ flat int32 files as results come back, in chunk order. At most a few chunks are 
 stays flat whatever the data size; what stays in memory is one length (int32) per example.
 
 The result does not depend on `num_proc`: chunks are cut the same way, encoded by the same function
-and written in chunk order. Within a chunk, `_apply_overlong` (truncate/drop, the first token of an
+and written in chunk order. Within a chunk, `overlong.apply_overlong` (truncate/drop, the first token of an
 example never a target) is per example, so it runs in the workers too.
 """
 
@@ -22,6 +22,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from distsft.data.overlong import apply_overlong
 from distsft.data.sources import Chunk, Reader, chunk_records
 
 _IN_FLIGHT_PER_WORKER = 2
@@ -83,7 +84,7 @@ def _encoder(i: int) -> Any:
     return enc
 
 
-def _rename(pairs: list, columns: dict[str, str], name: str) -> list:
+def rename_columns(pairs: list, columns: dict[str, str], name: str) -> list:
     if not columns:
         return pairs
     for where, rec in pairs:
@@ -91,7 +92,7 @@ def _rename(pairs: list, columns: dict[str, str], name: str) -> list:
             continue  # the format names the problem
         for new, old in columns.items():
             if old not in rec:
-                from distsft.spec import SpecError
+                from distsft.errors import SpecError
                 raise SpecError(f"{where}: no column {old!r} ({name}: columns maps {new!r} to it); "
                                 f"keys are {sorted(rec)}")
             rec[new] = rec.pop(old)
@@ -100,14 +101,13 @@ def _rename(pairs: list, columns: dict[str, str], name: str) -> list:
 
 def encode_chunk(task: tuple[int, Chunk, dict[str, str], str, np.ndarray | None]) -> tuple:
     """One chunk: read, rename columns, repeat/skip records, encode, handle overlong examples."""
-    from distsft.data.build import _apply_overlong
     spec_i, chunk, columns, name, mult = task
-    pairs = _rename(chunk_records(chunk), columns, name)
+    pairs = rename_columns(chunk_records(chunk), columns, name)
     if mult is not None:
         pairs = [p for p, k in zip(pairs, mult.tolist()) for _ in range(k)]
     spec = _WORKER["specs"][spec_i]
     enc = _encoder(spec_i)(pairs)
-    tok, stats = _apply_overlong(enc.input_ids, enc.labels.copy(), enc.lengths, spec)
+    tok, stats = apply_overlong(enc.input_ids, enc.labels.copy(), enc.lengths, spec)
     return (tok["input_ids"].astype(np.int32, copy=False), tok["labels"].astype(np.int32, copy=False),
             tok["lengths"].astype(np.int32), int(enc.lengths.size), stats, set(enc.warnings))
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from distsft.spec import SpecError
+from distsft.errors import SpecError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _DATA_EXT = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".arrow")

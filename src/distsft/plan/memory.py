@@ -1,0 +1,209 @@
+"""Per-GPU memory estimate of a run, for the plan printout. An estimate, not a measurement.
+
+Model states (weights, gradients, optimizer states) for full fine-tuning under ZeRO-2/3 come from
+DeepSpeed's own estimators; DDP and ZeRO-1, which DeepSpeed does not estimate, use the same byte
+accounting. LoRA/QLoRA split the model into frozen base weights and trainable adapters. Activations use
+the per-layer formula of Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
+Models"): 34·s·b·h bytes per layer in 16-bit, i.e. 17 values per hidden unit per token, without the
+attention-score term since flash/SDPA kernels do not store scores. All sizes are GiB (2^30 bytes).
+
+The model is never loaded: its config is read and the model built on the meta device to count
+parameters and find the linear layers. Anything that cannot be read gives None ("unknown" in the plan).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from distsft.plan import ckpt_size
+from distsft.plan.report import Plan
+from distsft.config.spec import RunSpec
+
+GIB = 2**30
+# Mixed-precision Adam under DDP: fp32 weights 4 + fp32 grads 4 + Adam m, v 8 (autocast keeps no
+# 16-bit copy of the weights).
+DDP_BYTES_PER_PARAM = 16
+# 4-bit NF4 weights (0.5 bytes) plus the double-quantised block constants, per quantised parameter.
+QLORA_BYTES_PER_PARAM = 0.55
+ACT_VALUES_PER_HIDDEN = 17
+# Per-stage table rows: label -> (stage, offload_optimizer, offload_params).
+STAGES: dict[str, tuple[int, bool, bool]] = {
+    "ddp": (0, False, False),
+    "zero1": (1, False, False),
+    "zero1+offload_opt": (1, True, False),
+    "zero2": (2, False, False),
+    "zero2+offload_opt": (2, True, False),
+    "zero3": (3, False, False),
+    "zero3+offload_opt": (3, True, False),
+    "zero3+offload_all": (3, True, True),
+    # FSDP2 shards weights, gradients and optimizer states like ZeRO-3 (one gathered layer at a time);
+    # its CPU offload moves all three, like ZeRO-3's full offload. Estimated with the same accounting.
+    "fsdp": (3, False, False),
+    "fsdp+offload": (3, True, True),
+}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    num_parameters: int
+    largest_layer_parameters: int  # DeepSpeed's notion: the most parameters held by one module itself
+    hidden_size: int
+    num_layers: int
+    vocab_size: int
+    # (module name, in_features, out_features) of every nn.Linear except the output projection (lm_head).
+    linear_layers: tuple[tuple[str, int, int], ...]
+
+
+def model_shape(name_or_path: str, trust_remote_code: bool = False,
+                local_files_only: bool = True) -> ModelShape | None:
+    """Shape of a causal LM from its config alone. `local_files_only` (default) avoids the hub: an
+    unreachable hub costs ~25 s of retries before failing, too slow for a plan."""
+    try:
+        import torch.nn as nn
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code,
+                                            local_files_only=local_files_only)
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        # from_config leaves tied weights (lm_head = embedding) untied on the meta device; tying inside
+        # init_empty_weights would register a fresh copy again.
+        model.tie_weights()
+        text = config.get_text_config()
+        output = model.get_output_embeddings()
+        # parameters() yields tied weights (embedding = lm_head) once.
+        total = sum(p.numel() for p in model.parameters())
+        largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+        linears = tuple((name, m.in_features, m.out_features) for name, m in model.named_modules()
+                        if isinstance(m, nn.Linear) and m is not output)
+        return ModelShape(total, largest, int(text.hidden_size), int(text.num_hidden_layers),
+                          int(text.vocab_size), linears)
+    except Exception:  # offline hub id, gated repo, unknown architecture: the plan shows "unknown"
+        return None
+
+
+def _targeted(name: str, targets: list[str] | str) -> bool:
+    if targets == "all-linear":
+        return True
+    # PEFT's rule for a list of names: the module name equals a target or ends with "." + target.
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def lora_trainable_parameters(shape: ModelShape, r: int, target_modules: list[str] | str) -> int:
+    """A and B matrices of rank r on each targeted linear layer: r·(in + out) parameters."""
+    return sum(r * (i + o) for name, i, o in shape.linear_layers if _targeted(name, target_modules))
+
+
+def trainable_states_bytes(params: int, largest_layer: int, stage: int, offload_optimizer: bool,
+                           offload_params: bool, gpus_per_node: int, nodes: int) -> tuple[int, int]:
+    """(GPU bytes per GPU, CPU bytes per node) for weights + grads + Adam states of `params`
+    trainable parameters."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    world = gpus_per_node * nodes
+    if stage == 0:
+        return DDP_BYTES_PER_PARAM * params, 0
+    if stage == 3:
+        cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
+            params, largest_layer, gpus_per_node, nodes, cpu_offload=offload_optimizer,
+            # DeepSpeed's estimator knows parameter offload only together with optimizer offload;
+            # parameter offload alone is estimated as no offload (an upper bound).
+            cpu_offload_params=offload_params and offload_optimizer, zero_init=True)
+        return gpu, cpu
+    cpu, gpu = estimate_zero2_model_states_mem_needs(params, gpus_per_node, nodes, cpu_offload=offload_optimizer)
+    if stage == 1:
+        # ZeRO-1 keeps the full 16-bit gradients on every GPU, which ZeRO-2 partitions: the 2 bytes
+        # per parameter of the gradient partition become 2 bytes per parameter unpartitioned.
+        gpu += 2 * params - (0 if offload_optimizer else 2 * params // world)
+    return gpu, cpu
+
+
+def frozen_weights_bytes(params: int, bytes_per_param: float, largest_layer: int, stage: int,
+                         offload_params: bool, world: int) -> int:
+    """Frozen (LoRA base) weights per GPU: replicated below ZeRO-3; under ZeRO-3 partitioned plus
+    one gathered layer (DeepSpeed counts it at 4 bytes/param), or only that layer when offloaded."""
+    if stage < 3:
+        return int(params * bytes_per_param)
+    gathered = 4 * largest_layer
+    return gathered if offload_params else int(params * bytes_per_param / world) + gathered
+
+
+def activation_bytes(shape: ModelShape, micro_batch: int, seq_len: int, gradient_checkpointing: bool,
+                     bytes_per_value: int) -> int:
+    """Without checkpointing every layer keeps 17·h values per token; with it each layer keeps only
+    its input (h values) and one layer at a time is recomputed in full. Plus the logits, in the
+    compute dtype and upcast to fp32 for the loss."""
+    tokens = micro_batch * seq_len
+    layer = tokens * shape.hidden_size * ACT_VALUES_PER_HIDDEN * bytes_per_value
+    if gradient_checkpointing:
+        body = shape.num_layers * tokens * shape.hidden_size * bytes_per_value + layer
+    else:
+        body = shape.num_layers * layer
+    return body + tokens * shape.vocab_size * (bytes_per_value + 4)
+
+
+def _per_gpu(spec: RunSpec, shape: ModelShape, stage: int, offload_optimizer: bool, offload_params: bool,
+             world: int) -> tuple[int, int, int]:
+    """(GPU model-state bytes, CPU bytes per node, trainable parameters) for one stage/offload choice."""
+    nodes = spec.distributed.nodes if world % spec.distributed.nodes == 0 else 1
+    gpn = world // nodes
+    method = spec.peft.method
+    if method == "none":
+        gpu, cpu = trainable_states_bytes(shape.num_parameters, shape.largest_layer_parameters, stage,
+                                          offload_optimizer, offload_params, gpn, nodes)
+        return gpu, cpu, shape.num_parameters
+    trainable = lora_trainable_parameters(shape, spec.peft.r, spec.peft.target_modules)
+    # Adapters are tiny layers: no largest-layer gather buffer of their own.
+    gpu, cpu = trainable_states_bytes(trainable, 0, stage, offload_optimizer, offload_params, gpn, nodes)
+    fp32 = spec.train.bf16 is False and not spec.train.fp16
+    wbytes = 4 if fp32 else 2
+    if method == "qlora":
+        quantised = sum(i * o for _, i, o in shape.linear_layers)
+        frozen = int(quantised * QLORA_BYTES_PER_PARAM + (shape.num_parameters - quantised) * 2)
+        if stage == 3:  # sharded QLoRA (4-bit storage in bf16 elements): a shard plus one gathered layer
+            frozen = frozen // world + 2 * shape.largest_layer_parameters
+    else:
+        frozen = frozen_weights_bytes(shape.num_parameters, wbytes, shape.largest_layer_parameters, stage,
+                                      offload_params, world)
+    return gpu + frozen, cpu, trainable
+
+
+def _gib(n: float) -> float:
+    return round(n / GIB, 2)
+
+
+def estimate(spec: RunSpec, plan: Plan | None = None, *, shape: ModelShape | None = None,
+             local_files_only: bool = True) -> dict[str, Any] | None:
+    """Estimated memory per GPU of the spec's run (at the plan's world size), and the same for every
+    ZeRO stage/offload choice and FSDP2 ("per_stage_gb", total GiB per GPU), and the size of one
+    checkpoint per rank and per node ("checkpoint", ckpt_size.py). None when the model's config cannot
+    be read."""
+    if shape is None:
+        shape = model_shape(spec.model.name_or_path, spec.model.trust_remote_code, local_files_only)
+        if shape is None:
+            return None
+    d = spec.distributed
+    world = plan.world_size if plan else d.nodes * d.gpus_per_node
+    bytes_per_value = 4 if spec.train.bf16 is False and not spec.train.fp16 else 2
+    act = activation_bytes(shape, spec.train.per_device_train_batch_size, spec.data.max_length,
+                           spec.train.gradient_checkpointing, bytes_per_value)
+    per_stage = {}
+    for label, (stage, opt, par) in STAGES.items():
+        gpu, _, _ = _per_gpu(spec, shape, stage, opt, par, world)
+        per_stage[label] = _gib(gpu + act)
+    gpu, cpu, trainable = _per_gpu(spec, shape, d.stage, d.offload_optimizer, d.offload_params, world)
+    return {
+        "num_parameters": shape.num_parameters,
+        "trainable_parameters": trainable,
+        "model_states_gb": _gib(gpu),
+        "activations_gb": _gib(act),
+        "total_gb": _gib(gpu + act),
+        "cpu_gb": _gib(cpu),
+        "per_stage_gb": per_stage,
+        "checkpoint": ckpt_size.estimate(spec, trainable, world),
+        "note": "estimate (GiB per GPU; cpu_gb per node): model states + activations, excluding the CUDA "
+                "context, allocator fragmentation and communication buffers",
+    }

@@ -1,0 +1,92 @@
+"""The plan `distsft plan` prints and the ranks log: batch, steps and data figures for one spec, with
+hints (never failures) about hyperparameters far from what usually works."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from distsft.config.spec import RunSpec
+from distsft.plan.batch import batch_for, steps, warmup_steps
+
+
+@dataclass
+class Plan:
+    nodes: int
+    gpus_per_node: int
+    world_size: int
+    per_device_train_batch_size: int
+    gradient_accumulation_steps: int
+    global_batch_size: int
+    backend: str
+    zero_stage: int
+    learning_rate: float
+    num_examples: int | None = None
+    num_tokens: int | None = None
+    num_loss_tokens: int | None = None
+    num_packed_rows: int | None = None
+    packing_efficiency: float | None = None
+    steps_per_epoch: int | None = None
+    total_steps: int | None = None
+    warmup_steps: int | None = None
+    tokens_per_step: float | None = None
+    memory_gb_per_gpu: dict[str, float] = field(default_factory=dict)
+    num_parameters: int | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def make_plan(spec: RunSpec, data_stats: dict[str, Any] | None = None) -> Plan:
+    b = batch_for(spec)
+    d = spec.distributed
+    plan = Plan(nodes=d.nodes, gpus_per_node=d.gpus_per_node, world_size=b.world_size,
+                per_device_train_batch_size=b.per_device_train_batch_size,
+                gradient_accumulation_steps=b.gradient_accumulation_steps,
+                global_batch_size=b.global_batch_size, backend=d.backend, zero_stage=d.stage,
+                learning_rate=float(spec.train.learning_rate or 0.0))
+    if spec.train.max_steps > 0:
+        plan.total_steps = spec.train.max_steps
+        plan.warmup_steps = warmup_steps(plan.total_steps, spec.train.warmup_ratio)
+    if data_stats:
+        rows = int(data_stats["num_rows"])
+        plan.num_examples = int(data_stats["num_examples"])
+        plan.num_tokens = int(data_stats["num_tokens"])
+        plan.num_loss_tokens = int(data_stats.get("num_loss_tokens", 0)) or None
+        plan.num_packed_rows = rows
+        plan.packing_efficiency = float(data_stats["packing_efficiency"])
+        plan.steps_per_epoch, plan.total_steps = steps(rows, b.global_batch_size,
+                                                       spec.train.num_train_epochs, spec.train.max_steps)
+        plan.warmup_steps = warmup_steps(plan.total_steps, spec.train.warmup_ratio)
+        plan.tokens_per_step = plan.num_tokens / rows * b.global_batch_size if rows else None
+    plan.warnings = hyperparameter_warnings(spec, plan)
+    return plan
+
+
+def hyperparameter_warnings(spec: RunSpec, plan: Plan, num_parameters: int | None = None) -> list[str]:
+    """Hints, never failures: values far outside what usually works for SFT."""
+    t, w = spec.train, []
+    lr = float(t.learning_rate or 0.0)
+    lora = spec.peft.method != "none"
+    lo, hi = (1e-5, 1e-3) if lora else (1e-6, 1e-4)
+    if num_parameters and not lora and num_parameters > 30e9:
+        hi = 2e-5
+    if lr and not lo / 10 <= lr <= hi * 10:
+        w.append(f"train.learning_rate={lr:g} is far outside the usual SFT range {lo:g}–{hi:g} "
+                 f"for {'LoRA' if lora else 'full fine-tuning'}")
+    if t.warmup_ratio > 0.3:
+        w.append(f"train.warmup_ratio={t.warmup_ratio} is long; SFT usually warms up over 1–10% of steps")
+    if t.weight_decay > 0.3:
+        w.append(f"train.weight_decay={t.weight_decay} is unusually high for SFT (typical 0–0.1)")
+    if t.max_grad_norm == 0:
+        w.append("train.max_grad_norm=0 disables gradient clipping; 1.0 is the usual SFT setting")
+    if plan.global_batch_size > 2048:
+        w.append(f"global batch {plan.global_batch_size} is very large for SFT (typical 16–512)")
+    if plan.total_steps is not None and plan.total_steps < 10:
+        w.append(f"only {plan.total_steps} optimizer steps: the schedule (warmup, decay) barely applies")
+    if lora and spec.peft.r > 256:
+        w.append(f"peft.r={spec.peft.r} is unusually large for LoRA (typical 8–128)")
+    if plan.num_tokens and plan.num_examples and plan.num_tokens / plan.num_examples < 4:
+        w.append("examples average fewer than 4 tokens: check data.format and the column names")
+    return w

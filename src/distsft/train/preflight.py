@@ -1,0 +1,18 @@
+"""The checks that need neither data nor a process group, one list for both sides: `distsft run` calls
+it before any rank starts (bad input is exit 2 there, once), and every rank calls it again, since ranks
+can be started by hand (`accelerate launch`, torchrun, SLURM) on a machine the launcher never saw."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from distsft.config.optim import check_available
+from distsft.runtime.hardware import check_kernels, choose_attn
+
+
+def check(spec: Any) -> str:
+    """Raise SpecError for an option this machine cannot run; return the attention implementation."""
+    attn = choose_attn(spec.model.attn_implementation)
+    check_kernels(spec.model.use_liger_kernel)  # Liger without CUDA
+    check_available(spec.train.optim)  # an optimizer whose package is missing
+    return attn

@@ -1,7 +1,0 @@
-"""`python -m distsft.train_entry RUN_DIR/run.yaml`: the per-rank entry that `distsft run` launches,
-importable from an installed package (launch/train.py is the same for users who launch by path)."""
-
-from distsft.job import main
-
-if __name__ == "__main__":
-    main()
