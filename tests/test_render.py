@@ -1,7 +1,7 @@
 """Rendered launcher files are accepted by DeepSpeed's and accelerate's own parsers, agree with the
 plan, and the reference copies under accelerate_configs/ and deepspeed_configs/ are current.
 
-Regenerate the reference copies after an intended change:  python -m distsft.render --regen
+Regenerate the reference copies after an intended change:  python -m distsft.launch.run_files --regen
 """
 
 import json
@@ -252,12 +252,12 @@ def test_launch_env():
 def test_reference_files_are_current(name):
     acc, ds = render_reference(ROOT, name)
     assert (ROOT / "accelerate_configs" / f"{name}.yaml").read_text() == acc, \
-        "stale reference: run `python -m distsft.render --regen`"
+        "stale reference: run `python -m distsft.launch.run_files --regen`"
     ds_path = ROOT / "deepspeed_configs" / f"{name}.json"
     if ds is None:
         assert not ds_path.exists()
     else:
-        assert ds_path.read_text() == ds, "stale reference: run `python -m distsft.render --regen`"
+        assert ds_path.read_text() == ds, "stale reference: run `python -m distsft.launch.run_files --regen`"
 
 
 def test_no_orphan_reference_files():
