@@ -97,7 +97,7 @@ def rank_main(run_yaml: str, out: Path) -> None:
     from transformers.trainer_callback import CallbackHandler
 
     from distsft.runtime import dist
-    from distsft.train import recipe as job, trainer as dtrainer
+    from distsft.train import recipe, trainer as dtrainer
 
     T = Timers()
     info: dict = {}

@@ -27,7 +27,7 @@ def check_masking(spec: RunSpec, n: int = 3) -> tuple[list[tuple[str, str]], dic
     (data.inspect: each labelled span holds its turn's answer and ends where it ends, and a second way
     of locating the spans agrees), and the data stats."""
     from distsft.data import build as data
-    from distsft.train import model as model_lib, tokens as tokens_lib
+    from distsft.train import tokens as tokens_lib
     from distsft.data.build import sample_records
     from distsft.data.inspect import check_records
     from distsft.data.split import cache_root

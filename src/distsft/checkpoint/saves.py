@@ -23,8 +23,9 @@ import os
 from typing import Any
 
 from distsft.runtime import dist
+from distsft.runtime import envvars
 
-GATHER_ENV = "DISTSFT_GATHER_INTERMEDIATE_SAVES"
+GATHER_ENV = envvars.GATHER_INTERMEDIATE_SAVES
 # Headroom over the measured save + step: a save under memory or file-system pressure is slower.
 SAFETY = 1.5
 
@@ -39,7 +40,7 @@ def is_zero3(trainer: Any) -> bool:
 def sharded_only(trainer: Any, internal: bool) -> bool:
     """True for an intermediate ZeRO-3 save (HF's `_internal_call`), unless the benchmark switch asks
     for HF's gathering behaviour."""
-    return internal and is_zero3(trainer) and os.environ.get(GATHER_ENV) != "1"
+    return internal and is_zero3(trainer) and not envvars.gather_intermediate_saves()
 
 
 def save_metadata(trainer: Any, output_dir: str) -> None:

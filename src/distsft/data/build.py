@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from distsft.data.cache import DATA_FILE, cache_key, default_cache_root, load_cached, remember
+from distsft.data.cache import DATA_FILE, cache_key, load_cached, remember
 from distsft.data.formats import required_columns
 from distsft.errors import SpecError
 from distsft.runtime.dist import warn

@@ -21,7 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from distsft.errors import SpecError
+from distsft.runtime import envvars
 
 DATA_FORMAT_VERSION = 3  # bump when the cached layout or the labelling rules change
 INDEX_DIR = "index"
@@ -92,7 +92,7 @@ def cache_key(spec: Any, tokenizer: Any, split: str) -> str:
 
 def default_cache_root(spec: Any) -> Path:
     """data.cache_dir, else $DISTSFT_CACHE_DIR, else ~/.cache/distsft/data."""
-    root = getattr(_data(spec), "cache_dir", None) or os.environ.get("DISTSFT_CACHE_DIR")
+    root = getattr(_data(spec), "cache_dir", None) or envvars.cache_dir()
     return Path(root) if root else Path.home() / ".cache" / "distsft" / "data"
 
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from distsft.data.overlong import apply_overlong
 from distsft.data.sources import Chunk, Reader, chunk_records
+from distsft.runtime import envvars
 
 _IN_FLIGHT_PER_WORKER = 2
 # Starting workers costs seconds (a fresh interpreter imports the tokenizer); below this many chunks
@@ -71,7 +72,7 @@ _WORKER: dict[str, Any] = {}
 
 
 def _init(tokenizer: Any, specs: list[Any]) -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one process per core already
+    envvars.tokenizers_single_threaded()
     _WORKER.clear()
     _WORKER.update(tokenizer=tokenizer, specs=specs, encoders={})
 

@@ -34,7 +34,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from distsft.checkpoint import store as checkpoint
 from distsft.checkpoint import preempt
 from distsft.checkpoint.lock import OutputLock
 from distsft.checkpoint.preempt import EXIT_PREEMPTED, PREEMPT_SIGNALS

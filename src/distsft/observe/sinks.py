@@ -6,7 +6,6 @@ mean a second TensorBoard file set or a second W&B run for the same job.
 
 from __future__ import annotations
 
-import os
 import secrets
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 from distsft.runtime import dist
 from distsft.config.spec import RunSpec
 from distsft import rundir
+from distsft.runtime import envvars
 
 TENSORBOARD_DIR = rundir.TENSORBOARD
 WANDB_ID_FILE = rundir.WANDB_RUN_ID
@@ -97,12 +97,12 @@ class WandbSink:
         self._wandb = wandb
         # Offline unless the user asked otherwise: a job must not fail (or hang) for want of a network,
         # and `wandb sync OUTPUT_DIR/wandb/offline-run-*` uploads it later.
-        mode = None if os.environ.get("WANDB_MODE") else "offline"
+        mode = None if envvars.wandb_mode_set() else "offline"
         self.run = wandb.init(
             project=spec.logging.wandb_project or "distsft", id=wandb_run_id(output_dir), resume="allow",
             dir=str(output_dir), mode=mode, name=rundir.run_name(spec),
             entity=spec.logging.wandb_entity, tags=list(spec.logging.wandb_tags) or None,
-            config=_redact(spec.to_dict(), os.environ.get("WANDB_API_KEY")), reinit="create_new")
+            config=_redact(spec.to_dict(), envvars.wandb_api_key()), reinit="create_new")
         # Steps are ours, not W&B's counter: a resumed job logs steps W&B has already seen, which its
         # own step would silently drop.
         self.run.define_metric("train/global_step")

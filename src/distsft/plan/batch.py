@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 from distsft.config.spec import RunSpec
 from distsft.errors import SpecError

@@ -12,8 +12,8 @@ progress-bar switches only, nothing is imported here.
 from __future__ import annotations
 
 import logging
-import os
 import warnings
+from distsft.runtime import envvars
 
 # (logger, text in the message) pairs that are dropped; anything else on those loggers still prints.
 _NOISE = (("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward"),
@@ -56,4 +56,4 @@ def configure_logging(is_main: bool) -> None:
         transformers.utils.logging.disable_progress_bar()
         datasets.logging.set_verbosity_error()
     no_progress_bars()
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    envvars.tokenizers_single_threaded()

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from distsft import rundir
 from distsft.checkpoint import shared_view, store, universal
 from distsft.checkpoint.lock import OutputLock
 from distsft.checkpoint.preempt import EXIT_PREEMPTED, PreemptionFlag, clear_preempted
