@@ -1,0 +1,187 @@
+"""Loss masks on templates no other test has seen (issue 25): only assistant turns carry loss.
+
+Text a template renders that belongs to no message -- before the first message, or after the last
+one (a generation prompt written whatever add_generation_prompt says, a final suffix) -- never
+carries loss, whichever way the spans are found. The end of an assistant turn keeps its convention
+(its end-of-turn token and the whitespace written right after it); where it cannot be told from the
+text that follows, the conversation is refused (exit 2).
+
+Every accepted template is checked token for token against an independent reference: a
+`{% generation %}`-marked copy through transformers' `apply_chat_template(return_assistant_tokens_mask=True)`,
+by the three ways distsft finds spans (the marked copy's markers, the automatic path on the original,
+differential rendering forced on every turn)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from distsft.data.encode import label_mask
+from distsft.data.examples import Encoder
+from distsft.errors import SpecError
+from distsft.config.spec import DataSpec
+
+from unseen_templates import (ACCEPTED, ADVERSARIAL_TEMPLATES, ALL_CONVERSATIONS, REAL_FAMILIES, REFUSED, cases,
+                              template_path, tokenizer)
+
+
+def reference(name: str, rec: dict) -> tuple[list[int], list[int]] | None:
+    """transformers' ids and assistant mask with the marked copy; None if the template refuses."""
+    tok = tokenizer(name)
+    try:
+        out = tok.apply_chat_template(rec["messages"], chat_template=template_path(name, marked=True).read_text(),
+                                      tools=rec.get("tools"), tokenize=True, return_dict=True,
+                                      return_assistant_tokens_mask=True, **rec.get("chat_template_kwargs", {}))
+    except Exception as exc:
+        if "TemplateError" in type(exc).__name__:
+            return None
+        raise
+    return list(out["input_ids"]), list(out["assistant_masks"])
+
+
+def ours(name: str, rec: dict, marked: bool, method: str = "auto") -> tuple[list[int], list[int]]:
+    tok = tokenizer(name)
+    enc = Encoder(tok, DataSpec(train_files=["x.jsonl"], chat_template=str(template_path(name, marked))))
+    if method == "auto":
+        out = enc([("x.jsonl:1", rec)])
+        ids, labels = out.input_ids.tolist(), out.labels.tolist()
+        text = enc.render("x.jsonl:1", rec)[0].text
+    else:
+        (r,) = enc.render("x.jsonl:1", rec, method=method)
+        ids_a, starts, ends, lens = enc.enc.encode([r.text], [r.spans])
+        sp = np.array(r.spans, dtype=np.int64).reshape(-1, 2)
+        mask = label_mask(starts, ends, lens, np.array([len(r.text)]), sp[:, 0], sp[:, 1], np.array([len(sp)]))
+        ids, labels, text = ids_a.tolist(), np.where(mask, ids_a, -100).tolist(), r.text
+    raw = enc.renderer.render(rec["messages"], tools=rec.get("tools"))
+    if text != raw:  # distsft prepends the BOS a tokenizer adds by default when the template writes none
+        assert text == tok.bos_token + raw and ids[0] == tok.bos_token_id and labels[0] == -100
+        ids, labels = ids[1:], labels[1:]
+    return ids, [int(x != -100) for x in labels]
+
+
+@pytest.mark.parametrize("name,conv", cases())
+def test_mask_equals_generation_marker_reference(name: str, conv: str) -> None:
+    rec = ALL_CONVERSATIONS[conv]
+    ref = reference(name, rec)
+    if ref is None:  # the template itself refuses the conversation: so does distsft, with exit 2
+        with pytest.raises(SpecError, match="x.jsonl:1: the chat template failed"):
+            ours(name, rec, marked=False)
+        return
+    ref_ids, ref_mask = ref
+    assert sum(ref_mask) > 0
+    tok = tokenizer(name)
+    for marked, method in ((True, "auto"), (False, "auto"), (False, "diff")):
+        ids, mask = ours(name, rec, marked, method)
+        assert ids == ref_ids, (marked, method)
+        if mask != ref_mask:
+            got = tok.decode([i for i, m in zip(ids, mask) if m])
+            want = tok.decode([i for i, m in zip(ids, ref_mask) if m])
+            pytest.fail(f"{name}/{conv} marked={marked} method={method}: labelled {got!r}, reference {want!r}")
+
+
+@pytest.mark.parametrize("name", ACCEPTED)
+def test_marked_copies_render_like_the_originals(name: str) -> None:
+    """The reference is only as good as the marked copy: it must render byte-identically."""
+    from distsft.data.chat import ChatRenderer
+    tok = tokenizer(name)
+    plain = ChatRenderer(tok, template_path(name).read_text())
+    marked = ChatRenderer(tok, template_path(name, marked=True).read_text())
+    rendered = 0
+    for rec in ALL_CONVERSATIONS.values():
+        msgs = rec["messages"]
+        for k in range(1, len(msgs) + 1):
+            for gen in (False, True):
+                try:
+                    want = plain.render(msgs[:k], gen)
+                except Exception:
+                    with pytest.raises(Exception):
+                        marked.render(msgs[:k], gen)
+                    continue
+                assert marked.render(msgs[:k], gen) == want
+                rendered += 1
+    assert rendered > 0
+
+
+# template -> (what it writes after the last assistant turn's end, which carries no loss,
+#              the text the last labelled token ends with)
+TRAILING = {
+    "llama-3-8b-instruct-original": ("<|start_header_id|>assistant<|end_header_id|>\n\n", "<|eot_id|>"),
+    "trailing-generation-prompt": ("<|im_start|>assistant\n", "<|im_end|>\n"),
+    "final-suffix": ("<|endoftext|>", "<|im_end|>\n"),
+    "phi-4-mini-instruct": ("<|endoftext|>", "<|end|>"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TRAILING))
+def test_text_after_the_last_message_carries_no_loss(name: str) -> None:
+    """The issue's case, named: the trailing text is rendered, tokenized, and unlabelled; the last
+    labelled token is the turn's own end-of-turn token."""
+    after, end = TRAILING[name]
+    tok = tokenizer(name)
+    enc = Encoder(tok, DataSpec(train_files=["x.jsonl"], chat_template=str(template_path(name))))
+    for conv in ("choice", "two_turns", "three_turns_system"):
+        rec = ALL_CONVERSATIONS[conv]
+        (r,) = enc.render("x.jsonl:1", rec)
+        assert r.text.endswith(after)
+        s, e = r.spans[-1]
+        assert r.text[s:e].endswith(end) and e == len(r.text) - len(after), r.text[s:]
+        out = enc([("x.jsonl:1", rec)])
+        labels = out.labels.tolist()
+        n_after = len(tok(after, add_special_tokens=False)["input_ids"])
+        assert labels[-n_after:] == [-100] * n_after
+        assert labels[-n_after - 1] != -100
+
+
+@pytest.mark.parametrize("name", REFUSED)
+def test_a_turn_whose_end_cannot_be_told_is_refused(name: str) -> None:
+    """No end-of-turn token of the turn's own before the trailing text: where the turn ends cannot be
+    told, so the conversation is refused, naming the record and the template (exit 2 upstream)."""
+    path = template_path(name)
+    enc = Encoder(tokenizer(name), DataSpec(train_files=["x.jsonl"], chat_template=str(path)))
+    for conv in ("choice", "two_turns"):
+        with pytest.raises(SpecError) as err:
+            enc([("x.jsonl:7", ALL_CONVERSATIONS[conv])])
+        msg = str(err.value)
+        assert msg.startswith("x.jsonl:7: ") and str(path) in msg and "cannot be told" in msg, msg
+
+
+def test_refusal_is_exit_2_from_the_command_line(tmp_path) -> None:
+    """`distsft prepare` on data whose template hides the end of a turn: exit 2, the file:line named."""
+    import helpers as h
+    data = tmp_path / "chats.jsonl"
+    data.write_text(json.dumps(ALL_CONVERSATIONS["choice"]) + "\n")
+    spec = h.write_spec(tmp_path / "spec.yaml", tmp_path / "out")
+    p = h.run("prepare", str(spec), f"data.train_files=[{data}]", "data.eval_files=[]",
+              f"data.chat_template={template_path('glued-header-trailing-prompt')}")
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert f"{data}:1" in p.stdout + p.stderr and "cannot be told" in p.stdout + p.stderr
+
+
+def test_adversarial_templates_are_each_what_their_name_says() -> None:
+    """Guard against a template that silently stopped testing its assumption."""
+    tok = tokenizer(ADVERSARIAL_TEMPLATES[0])
+    from distsft.data.chat import ChatRenderer
+    r = {n: ChatRenderer(tok, template_path(n).read_text()) for n in ADVERSARIAL_TEMPLATES}
+    conv = ALL_CONVERSATIONS["two_turns"]["messages"]
+    assert r["trailing-generation-prompt"].render(conv, False).endswith("B<|im_end|>\n<|im_start|>assistant\n")
+    assert r["final-suffix"].render(conv, False).endswith("B<|im_end|>\n<|endoftext|>")
+    assert r["final-suffix"].render(conv[:1], False).endswith("<|im_end|>\n<|endoftext|>")  # after any role
+    text = r["last-turn-end-differs"].render(conv, False)
+    assert "B<|end|>\n" in text and text.endswith("B<|return|>")
+    assert "Ada Lovelace wrote" in r["default-system-prompt"].render(conv, False)
+    assert "<answer>B</answer><|im_end|>" in r["rewritten-content"].render(ALL_CONVERSATIONS["tagged"]["messages"])
+    assert r["plain-text-trailing-prompt"].render(conv, False).endswith("Assistant: B\nAssistant:")
+    assert r["glued-header-trailing-prompt"].render(conv, False).endswith("B\n<|assistant|>\n")
+
+
+def test_every_new_real_template_has_its_provenance() -> None:
+    from unseen_templates import REAL
+    provenance = (REAL / "PROVENANCE.md").read_text()
+    for name in REAL_FAMILIES:
+        assert f"`{name}.jinja`" in provenance, name
+    readme = (template_path(ADVERSARIAL_TEMPLATES[0]).parent / "README.md").read_text()
+    for name in ADVERSARIAL_TEMPLATES:
+        assert re.search(rf"`{re.escape(name)}\.jinja`", readme), name
