@@ -78,32 +78,46 @@ def turn_end(tail: str, other: str | None, followed: str | None, added: re.Patte
     if common == 0:  # nothing of it is also written after another message: all the turn's
         return len(tail)
     if followed is not None:
+        # The turn's end is what it writes also when another message follows, up to where that
+        # message starts: not a special token glued to the role that follows it (the header token
+        # `<|start_header_id|>`, `<|im_start|>` that opens both the next message and the trailing prompt).
         agree = _snap_back(tail, _lcp(tail, followed), added)
         if agree >= len(tail):  # the turn writes all of it also when another message follows
             return len(tail)
-        bound = max(agree, len(tail) - common)
-    else:  # unknown: the convention alone (the first special token ends the turn)
-        bound = len(tail)
-    first = added.search(tail) if added else None
-    if first is not None and first.start() < bound:
-        k = first.end()
-        while k < len(tail) and tail[k].isspace():  # ChatML's "\n" after <|im_end|>
+        k = agree
+        last = _last_token(tail, k, added)
+        if last is not None and last.end() == k and _glued(tail[k:], added) and _glued(followed[k:], added):
+            k = last.start()
+    else:  # unknown (the template cannot render one more message): the first special token ends the turn
+        first = added.search(tail) if added else None
+        k = first.end() if first else 0
+        while first and k < len(tail) and tail[k].isspace():  # ChatML's "\n" after <|im_end|>
             k += 1
-    else:
-        k = bound
     k = max(k, len(tail) - common)
     if k >= len(tail):
         return len(tail)
     rest = tail[k:]
-    own = added.search(tail, 0, k) if added else None
+    own = _last_token(tail, k, added)
     if own is None:
         raise TemplateMismatch(f"where the last assistant turn ends cannot be told: it has no end-of-turn token "
                                f"before the text the template writes after the last message ({rest[:40]!r})")
-    if own.end() == k and not (added.match(rest) or rest[0].isspace()):
+    if own.end() == k and _glued(rest, added):
         raise TemplateMismatch(f"where the last assistant turn ends cannot be told: its last special token "
                                f"{own.group()!r} opens the text the template writes after the last message "
                                f"({tail[own.start():][:40]!r})")
     return k
+
+
+def _last_token(text: str, end: int, added: re.Pattern | None) -> re.Match | None:
+    last = None
+    for m in added.finditer(text, 0, end) if added else ():
+        last = m
+    return last
+
+
+def _glued(rest: str, added: re.Pattern | None) -> bool:
+    """Whether `rest` goes on with plain text (a role name), not whitespace or another special token."""
+    return bool(rest) and not rest[0].isspace() and not (added and added.match(rest))
 
 
 # ---------------------------------------------------------------------------- the end-of-turn token
