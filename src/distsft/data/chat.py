@@ -27,10 +27,14 @@ import re
 from pathlib import Path
 from typing import Any
 
-from distsft.data.chatdiff import diff_span
-from distsft.data.turns import REASONING_FIELDS, Span, TemplateMismatch, reasoning_of, visible_content
+from distsft.data.chatdiff import content_end, diff_span
+from distsft.data.turn_end import shared_end, turn_end
+from distsft.data.turns import (REASONING_FIELDS, Span, TemplateMismatch, normalized, reasoning_of,
+                                visible_content)
 from distsft.errors import SpecError
 
+# One more message after the conversation: what the template writes after a turn that is not the last.
+PROBE = {"role": "user", "content": "Next question."}
 GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
@@ -150,6 +154,7 @@ class ChatRenderer:
         self.added = re.compile(alt) if added else None
         self._ends_added = re.compile(rf"(?:{alt})\s*\Z") if added else None
         self._next_added = re.compile(rf"\s*(?:{alt})") if added else None
+        self._one_token = re.compile(rf"(?:{alt})\s*") if added else None
 
     # ------------------------------------------------------------------ rendering
 
@@ -202,13 +207,43 @@ class ChatRenderer:
         else differential rendering), or "diff" to force differential rendering (cross-checks)."""
         want = [i for i, m in enumerate(messages) if m["role"] == "assistant" and (turns is None or i in turns)]
         if self.has_markers and method == "auto":
-            return self._marked_spans(messages, tools, extra, want)
+            full, spans = self._marked_spans(messages, tools, extra, want)
+            return full, [self.without_trailing(full, messages, sp, tools, extra, marked=True) for sp in spans]
         full = self.render(messages, False, tools, extra)
         spans = []
         for i in want:
             span = self._prefix_span(full, messages, i, tools, extra) if method == "auto" else None
-            spans.append(span or diff_span(self, full, messages, i, tools, extra))
+            spans.append(self.without_trailing(full, messages, span or diff_span(self, full, messages, i, tools, extra),
+                                               tools, extra))
         return full, spans
+
+    def without_trailing(self, full: str, messages: list[dict], span: Span, tools: Any, extra: dict | None,
+                         marked: bool = False) -> Span:
+        """The last message's span without the text the template writes after the last message
+        (turn_end.py). Cheap when there is none: the render without the last message shows that
+        nothing after the turn is also written after another message, or only one token and whitespace."""
+        if span.index != len(messages) - 1:
+            return span
+        ext = self.try_render([*messages, PROBE], False, tools, extra)
+        # A render whose last message is another one: what it ends with too may follow any message.
+        other = self.try_render(messages[:-1], False, tools, extra) or ext
+        after = full[span.start:]
+        common = shared_end(after, other, self.added)
+        stretch = after[len(after) - common:]
+        if common == 0 or span.end <= len(full) - common or (self.added and self._one_token.fullmatch(stretch)):
+            return span
+        c = content_end(self, full, messages, span.index, tools, extra)
+        if c is None or c < span.start:
+            return span
+        followed = ext[c:] if ext is not None and ext[:c] == full[:c] else None
+        try:
+            k = turn_end(full[c:], other, followed, self.added)
+        except TemplateMismatch:
+            if marked:  # the template's own markers say where the turn ends
+                return span
+            raise
+        span.end = max(span.start, min(span.end, c + k))
+        return span
 
     def _marked_spans(self, messages: list[dict], tools: Any, extra: dict | None, want: list[int]
                       ) -> tuple[str, list[Span]]:
@@ -241,7 +276,8 @@ class ChatRenderer:
         s, e = len(pre), len(thru)
         text, msg = full[s:e], messages[i]
         content = msg.get("content")
-        if isinstance(content, str) and content.strip() and not any(v in text for v in visible_content(content)):
+        if isinstance(content, str) and content.strip() and not any(
+                normalized(v) in normalized(text) for v in visible_content(content)):
             return None  # e.g. a template that renders list-of-parts content only: let the checks decide
         if any(n not in text for n in _tool_names(msg)):
             return None
@@ -253,5 +289,9 @@ class ChatRenderer:
             # header token (<|user|>), so that token is the target to learn.
             if m := self._next_added.match(full, span.end):
                 span.end = m.end()
+        if self.added and self._ends_added.search(full, max(span.start, span.end - 64), span.end):
+            # The end-of-turn token and the whitespace written right after it, up to the next message
+            # (OLMo-2 writes "\n" after eos only when another message follows).
+            span.end += len(full[span.end:]) - len(full[span.end:].lstrip())
         return span
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from distsft.data.turns import REASONING_FIELDS, Renderer, Span, TemplateMismatch, reasoning_of, visible_content
+from distsft.data.turn_end import turn_end
+from distsft.data.turns import (REASONING_FIELDS, Renderer, Span, TemplateMismatch, normalized, reasoning_of,
+                                visible_content)
 
 _KINDS = {"content": "content", "reasoning": "reasoning", "name": "tool calls"}
 
@@ -105,12 +107,31 @@ def diff_span(r: Renderer, full: str, messages: list[dict], i: int, tools: Any, 
         except Exception:
             ts = 0
         tail = thru[len(thru) - ts:]
+        if not last:  # what the turn writes as the last message, less what follows any last message:
+            try:      # `full` is a render whose last message is another one
+                tail = tail[:turn_end(tail, full, full[len(full) - s:], r.added)]
+            except TemplateMismatch:
+                pass  # the next message bounds it here
     if dropped:  # measure the lead on the turn as the final render shows it: without its reasoning
         messages, variant = ([*m[:i], {k: x for k, x in m[i].items() if k not in REASONING_FIELDS}, *m[i + 1:]]
                              for m in (messages, variant))
     start = p - _lead_len(r, full, p, _lead(r, messages, variant, i, tools, extra))
     end = len(full) - s
     return r.close(full, Span(i, start, end + _tail_len(r, full, end, tail), dropped))
+
+def content_end(r: Renderer, full: str, messages: list[dict], i: int, tools: Any, extra: dict | None
+                ) -> int | None:
+    """Where turn i's own text (content, reasoning, tool-call names) ends in `full`: where `full` and
+    the render with them replaced by sentinels stop differing; None when it cannot be had."""
+    variant, sentinels = _variant(r, messages, i, full)
+    if not sentinels:
+        return None
+    try:
+        v = r.render(variant, False, tools, extra)
+    except Exception:  # noqa: BLE001 - then the span stays as found
+        return None
+    return len(full) - _diff(full, v)[1]
+
 
 def _lead(r: Renderer, messages: list[dict], variant: list[dict], i: int, tools: Any, extra: dict | None) -> str:
     """What the template writes between the generation prompt and turn i's content, measured on
@@ -182,11 +203,11 @@ def _verify(region: str, vregion: str, v: str, sentinels: list[tuple[str, str, s
                                "sentinel does, so its span is ambiguous")
     for (kind, _, original), got in zip(order, m.groups()):
         ok = (got == original if kind == "name" else got.strip() == original.strip() if kind == "reasoning"
-              else got.strip() in visible_content(original))
+              else any(normalized(got) == normalized(v) for v in visible_content(original)))
         if not ok:
             raise TemplateMismatch(f"the {kind} of assistant turn {i} is rendered as {got[:60]!r}, "
                                    f"not as given ({original[:60]!r})")
-        if kind == "content" and got.strip() != original.strip():
+        if kind == "content" and normalized(got) != normalized(original):
             dropped = True  # the template cut an inline think block out of the content
     return dropped
 
@@ -197,7 +218,10 @@ def _tail_len(r: Renderer, full: str, end: int, tail: str) -> int:
             n = m.start()
             break
     if n == 0 and r.added and (m := r.added.match(full, end)):
-        n = m.end() - end  # nothing in common: the turn's own end-of-turn token
+        # Nothing in common (the turn ends differently as the last one): its own end-of-turn token
+        # here, and the whitespace written right after it.
+        rest = full[m.end():]
+        n = m.end() - end + len(rest) - len(rest.lstrip())
     return n
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from distsft.data.chat import TemplateMismatch
+from distsft.data.turns import TemplateMismatch
 
 
 def _lcp(a: str, b: str) -> int:

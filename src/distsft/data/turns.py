@@ -4,6 +4,7 @@ chat (the renderer) and chatdiff (its fallback) import it instead of each other.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -29,6 +30,12 @@ def visible_content(content: str) -> list[str]:
     if "</think>" in content:
         out.append(content.split("</think>")[-1].strip())
     return out
+
+
+def normalized(text: str) -> str:
+    """Text as compared with what a template rendered of it: modulo whitespace runs and letter case
+    (templates trim the content, or rewrite a tag in it, like `<Answer>` -> `<answer>`)."""
+    return re.sub(r"\s+", " ", text).strip().lower()
 
 
 def reasoning_of(msg: dict) -> str | None:
