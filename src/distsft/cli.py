@@ -70,6 +70,8 @@ def plan(spec_path: Path = typer.Argument(..., metavar="SPEC"), overrides: Optio
             p = make_plan(spec, stats)
             from distsft.train.tokens import plan_warnings
             p.warnings += plan_warnings(spec)  # template markers missing from the vocabulary (trl#1668)
+            from distsft.train.stops import plan_warnings as stop_warnings
+            p.warnings += stop_warnings(spec)  # the template ends turns with a token generation does not stop on
             from distsft.runtime.hardware import kernel_warnings
             p.warnings += kernel_warnings(spec.model.use_liger_kernel)
         except SpecError as exc:

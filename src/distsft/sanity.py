@@ -84,6 +84,8 @@ def run_sanity(spec_path: str, overrides: list[str], gpus: int | None) -> int:
     results, stats = check_masking(spec)
     from distsft.train.tokens import sanity_results
     results += sanity_results(spec)  # template markers missing from the vocabulary (trl#1668)
+    from distsft.train.stops import sanity_results as stop_results
+    results += stop_results(spec)  # the template ends turns with a token generation does not stop on
     _subset_batch(spec, stats["num_rows"])
     spec_file = out / "sanity.yaml"
     dump_spec(spec, spec_file)

@@ -47,6 +47,8 @@ def _end_ok(renderer: ChatRenderer, text: str, turn: dict) -> str | None:
         return None
     for ans in answers:
         k = text.rfind(ans)
+        if k < 0 and len(text.lower()) == len(text):  # a template that lower-cases a tag in the answer
+            k = text.lower().rfind(ans.lower())
         if k >= 0:
             rest = text[k + len(ans):]
             if renderer.added is not None:
@@ -75,6 +77,9 @@ def check_records(tokenizer: Any, spec: Any, pairs: list[tuple[str, Any]], show:
             shown += 1
             chars, n_loss = _char_mask(enc, r)
             show(f"example {shown} ({where}):\n{marked_text(r.text, chars)}")
+            if r.spans and (after := r.text[r.spans[-1][1]:]).strip():
+                # e.g. a generation prompt the template writes after the last message: shown unmarked above
+                show(f"  after the last labelled span, carrying no loss: {after!r}")
             if n_loss == 0:
                 results.append(("FAIL", f"{where}: example {shown} has no token carrying loss"))
                 continue

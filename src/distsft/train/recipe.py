@@ -60,6 +60,7 @@ class Rank:
     device: Any = None
     # build_model / build_trainer
     model: Any = None
+    stop_ids: list[int] | None = None  # generation_config.eos_token_id with the template's end of turn
     trainer: Any = None
     ctx: Any = None
     writer: Any = None
@@ -218,6 +219,8 @@ def build_model(r: Rank) -> None:
     from distsft.train.model import load_model
     set_seed(r.spec.train.seed)
     r.model = load_model(r.spec, r.precision, r.attn, r.device, tokenizer=r.tokenizer)
+    from distsft.train.stops import carry_turn_end
+    r.stop_ids = carry_turn_end(r.model, r.tokenizer, r.spec)  # stop where the template ends turns
     if r.spec.distributed.backend == "fsdp":
         from distsft.train.fsdp import wrap_layers_of
         dist.print0(f"fsdp: one FSDP2 unit per {', '.join(wrap_layers_of(r.args, r.model))}")
