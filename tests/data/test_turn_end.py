@@ -1,4 +1,4 @@
-"""Where the last assistant turn ends (data.turn_end), the end-of-turn token warning, and sanity
+"""Where the last assistant turn ends (data.turn_end), the end-of-turn token warning (train.stops), and sanity
 showing the text after the last message unmarked (issue 25)."""
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ import re
 import pytest
 
 from distsft.config.spec import DataSpec
-from distsft.data.turn_end import turn_end, turn_end_token, turn_end_warning
+from distsft.data.turn_end import turn_end
+from distsft.train.stops import turn_end_token, turn_end_warning
 from distsft.data.turns import TemplateMismatch
 
 from unseen_templates import ALL_CONVERSATIONS, template_path, tokenizer

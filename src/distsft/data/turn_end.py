@@ -13,9 +13,8 @@ one more message (`followed`: what the template writes after the turn when it is
 Where the turn has no end-of-turn token of its own before that text, or its token is glued to the
 trailing text (a header token opening the dangling prompt), the end cannot be told: `TemplateMismatch`.
 
-`turn_end_token` and `turn_end_warning` are for plan and sanity: the token that ends assistant turns,
-and a warning when it is neither the tokenizer's eos_token nor in the model's
-generation_config.eos_token_id (the fine-tuned model would not stop where its template ends turns).
+The token that ends assistant turns, checked against the tokenizer's eos for plan and sanity, is
+train.stops' (it renders a probe conversation through data.chat, which builds on this module).
 """
 
 from __future__ import annotations
@@ -118,50 +117,3 @@ def _last_token(text: str, end: int, added: re.Pattern | None) -> re.Match | Non
 def _glued(rest: str, added: re.Pattern | None) -> bool:
     """Whether `rest` goes on with plain text (a role name), not whitespace or another special token."""
     return bool(rest) and not rest[0].isspace() and not (added and added.match(rest))
-
-
-# ---------------------------------------------------------------------------- the end-of-turn token
-
-PROBES = ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
-          [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-           {"role": "assistant", "content": "Hello"}])
-
-
-def turn_end_token(tokenizer: Any, template: str) -> str | None:
-    """The special token that ends an assistant turn in `template` (the last one of the turn's
-    labelled span on a probe conversation), or None (no template, no special token, or it refuses)."""
-    from distsft.data.chat import ChatRenderer
-    try:
-        r = ChatRenderer(tokenizer, template)
-    except Exception:  # noqa: BLE001 - a broken template is reported by the data step
-        return None
-    if r.added is None:
-        return None
-    for msgs in PROBES:
-        try:
-            full, spans = r.assistant_spans(msgs)
-        except Exception:  # noqa: BLE001 - e.g. a template without a system role: the next probe
-            continue
-        text = full[spans[-1].start:spans[-1].end]
-        found = r.added.findall(text)
-        return found[-1] if found else None
-    return None
-
-
-def turn_end_warning(tokenizer: Any, template: str | None, eos_ids: list[int]) -> tuple[str | None, list[int]]:
-    """(a warning or None, the eos_token_id list the saved generation_config carries). `eos_ids`: the
-    model's generation_config.eos_token_id as a list (empty when it has none: the tokenizer's eos)."""
-    ids = list(dict.fromkeys(eos_ids)) or ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
-    if not template:
-        return None, ids
-    token = turn_end_token(tokenizer, template)
-    if token is None:
-        return None, ids
-    tid = tokenizer.convert_tokens_to_ids(token)
-    if not isinstance(tid, int) or tid in ids or token == tokenizer.eos_token:
-        return None, ids
-    carried = [*ids, tid]
-    return (f"the chat template ends assistant turns with {token} (id {tid}), which is not the tokenizer's "
-            f"eos_token ({tokenizer.eos_token}) nor in the model's generation_config.eos_token_id {ids}: a "
-            f"fine-tuned model would not stop where its template ends turns. The saved model's "
-            f"generation_config will carry eos_token_id {carried}"), carried
