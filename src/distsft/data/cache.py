@@ -23,7 +23,7 @@ from typing import Any
 
 from distsft.runtime import envvars
 
-DATA_FORMAT_VERSION = 3  # bump when the cached layout or the labelling rules change
+DATA_FORMAT_VERSION = 4  # bump when the cached layout or the labelling rules change (4: issue 25)
 INDEX_DIR = "index"
 DATA_FILE = "data.arrow"  # the packed rows: one Arrow IPC stream, memory-mapped by the readers
 # Everything in a model directory can shape the tokenizer (tokenizer*.json, *.model, vocab, merges,
