@@ -85,3 +85,13 @@ def test_sanity_shows_the_trailing_text_unmarked() -> None:
     assert not [m for v, m in results if v == "FAIL"], results
     assert shown[0].endswith("B<|eot_id|>]]" + HDR), shown[0]
     assert shown[1] == f"  after the last labelled span, carrying no loss: {HDR!r}"
+
+
+def test_a_header_token_after_the_answer_is_not_taken_for_its_end() -> None:
+    """GLM-like: no end-of-turn token, the assistant header written again after the last answer."""
+    from distsft.data.chat import ChatRenderer
+    tok = tokenizer("glued-header-trailing-prompt")
+    r = ChatRenderer(tok, "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] }}{% endfor %}"
+                          "{{ '<|assistant|>' }}")
+    with pytest.raises(TemplateMismatch, match="cannot be told"):
+        r.assistant_spans(ALL_CONVERSATIONS["choice"]["messages"])

@@ -220,21 +220,31 @@ class ChatRenderer:
     def without_trailing(self, full: str, messages: list[dict], span: Span, tools: Any, extra: dict | None,
                          marked: bool = False) -> Span:
         """The last message's span without the text the template writes after the last message
-        (turn_end.py). Cheap when there is none: the render without the last message shows that
-        nothing after the turn is also written after another message, or only one token and whitespace."""
+        (turn_end.py). Cheap when there is none: the span is the answer and one token, or the render
+        without the last message shows that nothing after the turn is also written after another
+        message, or only one token and whitespace."""
         if span.index != len(messages) - 1:
             return span
-        ext = self.try_render([*messages, PROBE], False, tools, extra)
+        content, text = messages[-1].get("content"), full[span.start:span.end]
+        if isinstance(content, str) and content.strip() and self.added and any(
+                (k := text.rfind(c)) >= 0 and (m := self._one_token.fullmatch(text, k + len(c)))
+                and not self._header_token(m.group(), full, span) for c in (content.lstrip(), content.strip())):
+            return span  # the answer, then one token (not its header's) and whitespace: nothing after it
         # A render whose last message is another one: what it ends with too may follow any message.
-        other = self.try_render(messages[:-1], False, tools, extra) or ext
+        other = self.try_render(messages[:-1], False, tools, extra)
+        ext = None if other is not None else self.try_render([*messages, PROBE], False, tools, extra)
+        other = other if other is not None else ext  # `ext` is rendered below when still needed
         after = full[span.start:]
         common = shared_end(after, other, self.added)
         stretch = after[len(after) - common:]
-        if common == 0 or span.end <= len(full) - common or (self.added and self._one_token.fullmatch(stretch)):
+        if common == 0 or span.end <= len(full) - common or (
+                self.added and self._one_token.fullmatch(stretch) and not self._header_token(stretch, full, span)):
             return span
         c = content_end(self, full, messages, span.index, tools, extra)
         if c is None or c < span.start:
             return span
+        if ext is None:
+            ext = self.try_render([*messages, PROBE], False, tools, extra)
         followed = ext[c:] if ext is not None and ext[:c] == full[:c] else None
         try:
             k = turn_end(full[c:], other, followed, self.added)
@@ -282,6 +292,12 @@ class ChatRenderer:
         if any(n not in text for n in _tool_names(msg)):
             return None
         return self.close(full, Span(i, s, e, _dropped(msg, text)))
+
+    def _header_token(self, token: str, full: str, span: Span) -> bool:
+        """Whether `token` (and whitespace) is also the last special token before the turn: its header's,
+        written again after it (a generation prompt), not an end-of-turn token."""
+        before = self.added.findall(full, max(0, span.start - 64), span.start)
+        return bool(before) and before[-1] == token.strip()
 
     def close(self, full: str, span: Span) -> Span:
         if self.added and not self._ends_added.search(full, max(span.start, span.end - 64), span.end):
