@@ -17,6 +17,12 @@ generation-prompt header and never another turn's text. Three ways to find it, a
    sentinel appearing exactly once. Then it is extended over the text the template writes around
    the content when the turn is the last one (Mistral's space before the answer, the end-of-turn).
 
+Whichever way, text that belongs to no message never carries loss: the last turn's span loses what
+the template writes after the last message (a generation prompt written whatever
+add_generation_prompt says, a final suffix like Phi-3's eos), split from the turn's own end by
+turn_end.py (`without_trailing`); where the two cannot be told apart, `TemplateMismatch`. The
+end-of-turn text is the end-of-turn token and the whitespace written right after it (`close`).
+
 Anything else raises `TemplateMismatch` (the caller turns it into exit 2): no silent guess.
 """
 
