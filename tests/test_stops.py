@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from typer.testing import CliRunner
 
 import helpers as h
@@ -59,3 +61,18 @@ def test_the_saved_generation_config_carries_the_end_of_turn_token(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(h.TINY)
     assert stops.carry_turn_end(model, tok, _spec(h.TINY, template=None)) is None
     assert model.generation_config.eos_token_id == before and stops.sanity_results(_spec(h.TINY, None)) == []
+
+
+@pytest.mark.slow
+def test_a_run_saves_the_end_of_turn_token_in_generation_config(tmp_path):
+    """The run itself (one process, 2 steps, LoRA with a merged copy): the adapter's and the merged
+    model's generation_config.json carry the template's end-of-turn token."""
+    from transformers import GenerationConfig
+    (tmp_path / "t.jinja").write_text(TEMPLATE)
+    spec = h.write_spec(tmp_path / "spec.yaml", tmp_path / "out")
+    h.run("run", str(spec), "train.max_steps=2", "data.eval_files=[]", f"data.chat_template={tmp_path / 't.jinja'}",
+          "peft.method=lora", "checkpoint.save_merged=true", check=True, timeout=400)
+    tok = load_tokenizer(_spec(h.TINY))
+    want = [tok.eos_token_id, tok.convert_tokens_to_ids("<|eos|>")]
+    for d in (tmp_path / "out", tmp_path / "out" / "merged"):
+        assert GenerationConfig.from_pretrained(d).eos_token_id == want, d
