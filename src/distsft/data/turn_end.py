@@ -20,7 +20,6 @@ train.stops' (it renders a probe conversation through data.chat, which builds on
 from __future__ import annotations
 
 import re
-from typing import Any
 
 from distsft.data.turns import TemplateMismatch
 
