@@ -109,7 +109,8 @@ def test_every_assistant_turn_and_its_end_of_turn_carry_labels(tiny_tokenizer, t
     ("qwen3", ["KALO is the answer.<|im_end|>\n", "<think>\n\n</think>\n\nolak<|im_end|>\n"]),
     ("llama3_1", ["KALO is the answer.<|eot_id|>", "olak<|eot_id|>"]),
     ("gemma3", ["KALO is the answer.<end_of_turn>\n", "olak<end_of_turn>\n"]),
-    ("phi3", ["KALO is the answer.<|end|>\n", "olak<|end|>\n<|im_end|>"]),
+    # The eos Phi-3 writes after the last message only belongs to no turn: never labelled (issue 25).
+    ("phi3", ["KALO is the answer.<|end|>\n", "olak<|end|>\n"]),
     # gpt-oss ends a non-final turn with <|end|> and the final one with <|return|>.
     ("gptoss", ["<|channel|>final<|message|>KALO is the answer.<|end|>",
                 "<|channel|>final<|message|>olak<|return|>"]),
