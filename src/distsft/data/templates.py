@@ -104,8 +104,12 @@ def check(value: str | None) -> None:
         resolve_text(value)
         return
     if _looks_like_path(value):
-        raise SpecError(f"{KEY}: no such file or directory: {value}; expected a path to a .jinja file, a "
-                        f"tokenizer directory or its tokenizer_config.json, or a name ({', '.join(NAMES)})")
+        raise SpecError(_no_such_path(value))
+
+
+def _no_such_path(value: str) -> str:
+    return (f"{KEY}: no such file or directory: {value}; expected a path to a .jinja file, a tokenizer "
+            f"directory or its tokenizer_config.json, or a name ({', '.join(NAMES)})")
 
 
 def resolve_text(value: str) -> Template | None:
@@ -141,6 +145,8 @@ def resolve(tokenizer: Any, value: str | None) -> Template:
             return found
         if isinstance(own, dict) and value in own:
             return Template(own[value], f"{KEY}: {value} (a named template of the tokenizer {tokenizer_name(tokenizer)})")
+        if _looks_like_path(value):
+            raise SpecError(_no_such_path(value))
         variants = f"; the tokenizer's own variants are {', '.join(sorted(own))}" if isinstance(own, dict) else ""
         raise SpecError(expected(value) + variants)
     if isinstance(own, dict):  # named variants: the default one is what apply_chat_template uses
