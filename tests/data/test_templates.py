@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from distsft.config import templates as config_templates
 from distsft.data import templates
 from distsft.errors import SpecError
 
@@ -15,20 +16,20 @@ REAL = Path(__file__).resolve().parent / "real_templates"
 
 
 def test_named_templates_ship_chatml_and_the_real_families() -> None:
-    assert "chatml" in templates.NAMES
+    assert "chatml" in config_templates.NAMES
     for family in ("llama-3.1", "llama-3.2", "qwen2.5", "qwen3", "mistral-v0.3", "phi-3.5", "phi-4", "gemma-2",
                    "deepseek-r1-distill"):
-        assert family in templates.NAMES, family
+        assert family in config_templates.NAMES, family
     # The shipped texts are the model repositories' templates, byte for byte.
-    assert templates.resolve_text("qwen2.5").text == (REAL / "qwen2.5-7b-instruct.jinja").read_text()
+    assert config_templates.resolve_text("qwen2.5").text == (REAL / "qwen2.5-7b-instruct.jinja").read_text()
     gemma = json.loads((REAL / "gemma-2-2b-it.tokenizer_config.json").read_text())["chat_template"]
-    assert templates.resolve_text("gemma-2").text == gemma
-    t = templates.resolve_text("chatml")
+    assert config_templates.resolve_text("gemma-2").text == gemma
+    t = config_templates.resolve_text("chatml")
     assert "named template" in t.origin and "chatml" in t.origin
 
 
 def test_chatml_renders_chatml(tiny_tokenizer) -> None:
-    tiny_tokenizer.chat_template = templates.resolve_text("chatml").text
+    tiny_tokenizer.chat_template = config_templates.resolve_text("chatml").text
     text = tiny_tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}],
                                               tokenize=False)
     assert text == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nYo<|im_end|>\n"
@@ -58,7 +59,7 @@ def test_paths_directories_and_tokenizer_configs(tmp_path, tiny_tokenizer) -> No
     ("templates/chatml.jinja", "no such file or directory: templates/chatml.jinja"),  # a mistyped path
 ])
 def test_anything_else_says_what_was_expected(value, says, tiny_tokenizer) -> None:
-    for call in (lambda: templates.check(value), lambda: templates.resolve(tiny_tokenizer, value)):
+    for call in (lambda: config_templates.check(value), lambda: templates.resolve(tiny_tokenizer, value)):
         try:
             call()
         except SpecError as exc:
@@ -72,11 +73,11 @@ def test_anything_else_says_what_was_expected(value, says, tiny_tokenizer) -> No
 def test_a_config_without_a_template_and_a_bare_directory_are_refused(tmp_path) -> None:
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
     with pytest.raises(SpecError, match=r"data.chat_template: .*tokenizer_config.json has no chat_template"):
-        templates.check(str(tmp_path / "tokenizer_config.json"))
+        config_templates.check(str(tmp_path / "tokenizer_config.json"))
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(SpecError, match=r"data.chat_template: directory .*empty has neither chat_template.jinja"):
-        templates.check(str(empty))
+        config_templates.check(str(empty))
 
 
 def test_variants_of_the_tokenizers_templates(tiny_tokenizer) -> None:
@@ -97,7 +98,7 @@ def test_apply_to_tokenizer_saves_the_trained_template(tmp_path, tiny_tokenizer)
 
 
 def test_describe_without_a_tokenizer(tmp_path) -> None:
-    assert templates.describe(None, "org/model") == "the chat template of the tokenizer org/model"
-    d = templates.describe("chatml", "m")
+    assert config_templates.describe(None, "org/model") == "the chat template of the tokenizer org/model"
+    d = config_templates.describe("chatml", "m")
     assert "chatml" in d and "sha256" in d
-    assert "named template of the tokenizer m" in templates.describe("tool_use", "m")
+    assert "named template of the tokenizer m" in config_templates.describe("tool_use", "m")

@@ -46,7 +46,7 @@ class ModelSpec(_Section):
 
 class SourceSpec(_Section):
     """One data source of a mixture (data.sources / data.eval_sources)."""
-    path: str = Field(min_length=1)  # a local file, a save_to_disk directory, or a hub dataset id
+    path: str | None = Field(None, min_length=1)  # a local file, a save_to_disk directory, or a hub dataset id
     subset: str | None = None        # hub config name
     split: str = "train"
     revision: str | None = None      # hub revision (branch, tag or commit)
@@ -54,9 +54,30 @@ class SourceSpec(_Section):
     columns: dict[str, str] = Field(default_factory=dict)  # {name the format expects: name in this source}
     fraction: float | None = None    # default 1.0; > 1 repeats examples
     count: int | None = None         # exactly this many examples (repeats or subsamples)
+    # The data described as other tools describe it (config/peers.py): a LLaMA-Factory dataset_info.json
+    # entry (PATH#NAME, filling path, formatting, columns, tags, ...) or its keys inline; or axolotl's
+    # chat_template keys. `columns` then holds LLaMA-Factory's column names.
+    dataset_info: str | None = None
+    formatting: str | None = None
+    tags: dict[str, str] = Field(default_factory=dict)
+    field_messages: str | None = None
+    message_property_mappings: dict[str, str] = Field(default_factory=dict)
+    roles: dict[str, list[str]] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dataset_info(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("dataset_info"):
+            from .peers import expand
+            return expand(data)
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> "SourceSpec":
+        if self.path is None:
+            raise ValueError("set path (a file, a directory or a hub dataset) or dataset_info (PATH#NAME)")
+        from .peers import check
+        check(self)
         if self.fraction is not None and self.count is not None:
             raise ValueError(f"source {self.path!r}: set fraction or count, not both")
         if self.fraction is not None and not self.fraction > 0:
@@ -103,6 +124,16 @@ class DataSpec(_Section):
     def _one_or_many(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
 
+    @field_validator("chat_template")
+    @classmethod
+    def _template(cls, v: str | None) -> str | None:
+        from .templates import check
+        try:
+            check(v)  # a path that exists and holds a template, or a name; the tokenizer decides the rest
+        except SpecError as exc:
+            raise ValueError(str(exc).removeprefix("data.chat_template: ")) from None
+        return v
+
     @model_validator(mode="after")
     def _check_sources(self) -> "DataSpec":
         for short, full in (("train_files", "sources"), ("eval_files", "eval_sources")):
@@ -117,10 +148,28 @@ class DataSpec(_Section):
                 if src.format is not None and src.format not in formats:
                     raise ValueError(f"data.{key}[{i}] ({src.path}): format {src.format!r} is not one of "
                                      f"{', '.join(formats)}")
+                self._check_columns(f"data.{key}[{i}] ({src.path})", src)
         v = self.val_set_size
         if v is not None and not ((isinstance(v, int) and v >= 1) or (isinstance(v, float) and 0 < v < 1)):
             raise ValueError(f"data.val_set_size must be a fraction in (0, 1) or a count >= 1 (got {v!r})")
         return self
+
+    def _check_columns(self, name: str, src: SourceSpec) -> None:
+        """A `columns` target the format does not read would rename a column to nothing: exit 2."""
+        from .peers import is_axolotl, is_lf
+        if is_lf(src) or is_axolotl(src) or not src.columns:
+            return
+        fmt = src.format or self.format
+        reads = {"messages": [self.messages_column, "tools", "chat_template_kwargs"],
+                 "sharegpt": [self.conversations_column, "system", "tools", "chat_template_kwargs"],
+                 "instruction": [self.instruction_column, self.input_column, self.output_column, "system", "history",
+                                 "chat_template_kwargs"],
+                 "prompt_completion": [self.prompt_column, self.completion_column, "tools", "chat_template_kwargs"],
+                 "text": [self.text_column]}[fmt]
+        for target in src.columns:
+            if target not in reads:
+                raise ValueError(f"{name}: columns.{target}: not a column data.format {fmt} reads; expected one of "
+                                 f"{', '.join(reads)} (columns maps those names to the source's)")
 
     @property
     def has_eval(self) -> bool:
@@ -403,6 +452,9 @@ def load_spec(path: str | Path, overrides: list[str] | None = None,
     if not isinstance(raw, dict):
         raise SpecError(f"{p}: the spec must be a mapping of sections (model:, data:, train:, ...)")
     touched = apply_overrides(raw, list(overrides or []))
+    # Relative paths: from the spec's directory; those given on the command line from the working one.
+    from .paths import resolve_paths
+    resolve_paths(raw, p.resolve().parent, touched)
     dist = raw.setdefault("distributed", {}) if (nodes or gpus) else None
     if isinstance(dist, dict):
         if nodes:

@@ -37,24 +37,41 @@ def _source_spec(d: Any, src: Any) -> Any:
 def _reader(d: Any, src: Any) -> Any:
     from distsft.data.sources import Reader
     sd = _source_spec(d, src)
-    renamed = {new: old for new, old in src.spec.columns.items()}
-    cols = [renamed.get(c, c) for c in required_columns(sd)]
+    mapping = peer_mapping(src)
+    if mapping is not None:  # its columns are the peer's names: the mapping reads them
+        cols = [mapping.messages] if hasattr(mapping, "messages") else [mapping.prompt, mapping.response]
+    else:
+        renamed = {new: old for new, old in src.spec.columns.items()}
+        cols = [renamed.get(c, c) for c in required_columns(sd)]
     return sd, Reader(src.spec.path, src.name, cols, split=src.spec.split, subset=src.spec.subset,
                       revision=src.spec.revision, chunk=_CHUNK)
+
+
+def peer_mapping(src: Any) -> Any:
+    """The data/peers.py mapping of a source described the LLaMA-Factory or axolotl way, else None."""
+    from distsft.config.peers import is_axolotl, is_lf
+    from distsft.data.peers import mapping_for
+    return mapping_for(src.spec, None, src.name) if is_lf(src.spec) or is_axolotl(src.spec) else None
+
+
+def _stream(d: Any, src: Any, mult_of: Any, **kw: Any) -> Any:
+    from distsft.data.parallel import Stream
+    sd, reader = _reader(d, src)
+    mapping = peer_mapping(src)
+    return Stream(src.name, reader, sd, {} if mapping is not None else dict(src.spec.columns), mult_of(reader),
+                  mapping=mapping, **kw)
 
 
 def open_streams(spec: Any, split: str) -> tuple[list[Any], list[str]]:
     """The streams a split reads (each source opened and checked, its selection drawn) and the labels
     of its sets (["train"], or one per eval set)."""
     from distsft.data import mixture
-    from distsft.data.parallel import Stream
     d, seed = _data(spec), mixture.seed_of(spec)
 
     def training() -> list[Any]:
         out = []
         for src in mixture.train_sources(spec):
-            sd, reader = _reader(d, src)
-            out.append(Stream(src.name, reader, sd, dict(src.spec.columns), mixture.select(len(reader), src, seed, "train")))
+            out.append(_stream(d, src, lambda r, src=src: mixture.select(len(r), src, seed, "train")))
         return out
 
     if split == "train":
@@ -84,21 +101,28 @@ def open_streams(spec: Any, split: str) -> tuple[list[Any], list[str]]:
                 streams.append(s)
             continue
         for src in es.sources:
-            sd, reader = _reader(d, src)
-            streams.append(Stream(src.name, reader, sd, dict(src.spec.columns),
-                                  mixture.select(len(reader), src, seed, "eval"), set_index=i))
+            streams.append(_stream(d, src, lambda r, src=src: mixture.select(len(r), src, seed, "eval"), set_index=i))
     if not streams:
         raise SpecError("no eval set: set data.eval_files, data.eval_sources or data.val_set_size")
     return streams, labels
 
 
-def sample_records(spec: Any, n: int) -> tuple[list, Any]:
-    """The first `n` records of the first training source (columns renamed) and its DataSpec."""
+def sample_records(spec: Any, n: int) -> list[tuple[str, list, Any, Any]]:
+    """About `n` records drawn from every training source (at least one each, from its first chunk,
+    seeded by train.seed): (source name, (where, record) pairs with columns renamed, its DataSpec,
+    its mapping)."""
+    from distsft.data import mixture
     from distsft.data.parallel import rename_columns
     from distsft.data.sources import chunk_records
-    s = open_streams(spec, "train")[0][0]
-    chunk = next(s.reader.chunks())
-    return rename_columns(chunk_records(chunk)[:n], s.columns, s.name), s.spec
+    streams = open_streams(spec, "train")[0]
+    per = max(1, -(-n // len(streams)))
+    rng = np.random.default_rng(mixture.seed_of(spec))
+    out = []
+    for s in streams:
+        pairs = chunk_records(next(s.reader.chunks()))
+        pick = sorted(rng.choice(len(pairs), min(per, len(pairs)), replace=False).tolist())
+        out.append((s.name, rename_columns([pairs[i] for i in pick], s.columns, s.name), s.spec, s.mapping))
+    return out
 
 
 def build(spec: Any, tokenizer: Any, split: str, cache_root: str | Path) -> tuple[Any, dict]:
@@ -120,6 +144,11 @@ def build(spec: Any, tokenizer: Any, split: str, cache_root: str | Path) -> tupl
         with BuildProgress(total, f"{split} data") as bar:
             spilled = encode_streams(streams, tokenizer, d.num_proc or default_num_proc(), spill, bar)
         for w in sorted(spilled.warnings):
+            warn(w)
+        from distsft.data.drops import left_out_lines
+        from distsft.data.templates import resolve as resolve_template
+        origin = resolve_template(tokenizer, d.chat_template).origin
+        for w in left_out_lines(spilled.stats["template_drops"], total, origin):
             warn(w)
         stats = write_packed(spilled, labels, d, tmp / DATA_FILE)
         if split == "train":

@@ -23,7 +23,7 @@ from typing import Any
 
 from distsft.runtime import envvars
 
-DATA_FORMAT_VERSION = 4  # bump when the cached layout or the labelling rules change (4: issue 25)
+DATA_FORMAT_VERSION = 5  # bump when the cached layout or the labelling rules change (4: issue 25; 5: issue 24)
 INDEX_DIR = "index"
 DATA_FILE = "data.arrow"  # the packed rows: one Arrow IPC stream, memory-mapped by the readers
 # Everything in a model directory can shape the tokenizer (tokenizer*.json, *.model, vocab, merges,
@@ -148,8 +148,10 @@ def source_key(spec: Any, split: str) -> str | None:
         if model_dir is None:
             return None
         template = spec.data.chat_template
-        if template and "{" not in template and Path(template).is_file():  # a .jinja file: its contents count
-            template = ["file", hashlib.sha256(Path(template).read_bytes()).hexdigest()]
+        if template:  # a file, a directory or a named template: the text counts
+            from distsft.config.templates import resolve_text
+            found = resolve_text(template)
+            template = ["text", found.sha256] if found is not None else template
         blob = {**_inputs(spec, split), "tokenizer_files": _tokenizer_source(model_dir), "chat_template": template,
                 "trust_remote_code": spec.model.trust_remote_code,
                 "added_tokens": list(getattr(spec.model, "add_special_tokens", None) or []),

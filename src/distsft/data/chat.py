@@ -50,25 +50,17 @@ def tokenizer_name(tokenizer: Any) -> str:
 
 
 def chat_template_or_none(tokenizer: Any, override: str | None) -> str | None:
-    """`data.chat_template` (a Jinja string, a path to a .jinja file or a named variant) or the
-    tokenizer's own template; None when there is none."""
-    template = getattr(tokenizer, "chat_template", None)
-    if override:
-        if isinstance(template, dict) and override in template:  # a named variant, e.g. "tool_use"
-            return template[override]
-        if "{" not in override and Path(override).is_file():
-            return Path(override).read_text()
-        return override
-    if isinstance(template, dict):  # named variants: the default one is what apply_chat_template uses
-        template = template.get("default")
-    return template or None
+    """`data.chat_template` resolved (data/templates.py: a path, a tokenizer directory or config, a name)
+    or the tokenizer's own template; None when there is none."""
+    from distsft.data.templates import resolve
+    return resolve(tokenizer, override).text
 
 
 def resolve_chat_template(tokenizer: Any, override: str | None) -> str:
     template = chat_template_or_none(tokenizer, override)
     if not template:
         raise SpecError(f"tokenizer {tokenizer_name(tokenizer)} has no chat template; set data.chat_template "
-                        "(a Jinja template string or a path to a .jinja file)")
+                        "(a path to a .jinja file, a tokenizer directory or a named template such as chatml)")
     return template
 
 

@@ -63,3 +63,32 @@ def explain(stats: dict, assistant_turns: str = "all") -> str:
     kept = stats.get("num_examples", 0)
     return (f" ({kept:,} of {kept + stats.get('num_dropped', 0):,} examples kept; " + "; ".join(found)
             + "; raise data.max_length or shorten the data)")
+
+
+# What a template may leave out of a conversation, and what it means.
+LEFT_OUT = {
+    "system": "the system message (the model never sees it in training; Mistral-v0.3's template, for one, writes "
+              "it into the last user turn only, which a training conversation ending in an answer does not have)",
+    "tools": "the tools (their schemas are not in the rendered text)",
+    "reasoning": "the reasoning of some assistant turns (it carries no loss)",
+}
+
+
+def dropped_parts(messages: list[dict], tools: Any, text: str, spans: list) -> list[str]:
+    """Which of system message, tools and reasoning the rendered `text` does not contain."""
+    out = []
+    if any(m["role"] == "system" and isinstance(m.get("content"), str) and m["content"].strip()
+           and m["content"].strip() not in text for m in messages):
+        out.append("system")
+    names = [t.get("function", t).get("name") for t in tools or () if isinstance(t, dict)]
+    if names and not any(isinstance(n, str) and n in text for n in names):
+        out.append("tools")
+    if any(getattr(sp, "reasoning_dropped", False) for sp in spans):
+        out.append("reasoning")
+    return out
+
+
+def left_out_lines(counts: dict[str, int], records: int, template: str) -> list[str]:
+    """One warning per part the template left out, with its count."""
+    return [f"data: the chat template ({template}) leaves out {LEFT_OUT.get(part, part)}: {n:,} of {records:,} "
+            "conversations" for part, n in counts.items() if n]

@@ -17,8 +17,10 @@ import numpy as np
 
 from distsft.data.chat import ChatRenderer, chat_template_or_none, resolve_chat_template
 from distsft.data.turns import TemplateMismatch
+from distsft.data.drops import dropped_parts
 from distsft.data.encode import OffsetEncoder, label_mask
 from distsft.data.formats import Conversation, to_conversation
+from distsft.data.templates import resolve as resolve_template
 from distsft.errors import SpecError
 
 REASONING_HISTORY = ("data: the chat template does not render the reasoning of earlier assistant turns, so "
@@ -37,6 +39,8 @@ class Encoded:
     labels: np.ndarray      # int32, -100 where a token carries no loss
     lengths: np.ndarray     # int64, tokens per example
     warnings: set[str] = field(default_factory=set)  # said once per build, whatever the chunking
+    wheres: list[str] = field(default_factory=list)  # each example's row, for the drops (data/drops.py)
+    template_drops: dict[str, int] = field(default_factory=dict)  # records whose system / tools the template left out
 
 
 @dataclass
@@ -60,15 +64,16 @@ def split_think(msg: dict) -> dict:
 
 
 class Encoder:
-    def __init__(self, tokenizer: Any, spec: Any):
+    """`mapping` (data/peers.py) reads a source described the LLaMA-Factory or axolotl way."""
+
+    def __init__(self, tokenizer: Any, spec: Any, mapping: Any = None):
         self.spec = spec
+        self.mapping = mapping
         self.tokenizer = tokenizer
         self.enc = OffsetEncoder(tokenizer)
         template = chat_template_or_none(tokenizer, spec.chat_template)
         self.renderer = ChatRenderer(tokenizer, template) if template else None
-        self.template_name = (spec.chat_template if spec.chat_template and "{" not in spec.chat_template
-                              else "data.chat_template" if spec.chat_template
-                              else f"the chat template of {getattr(tokenizer, 'name_or_path', '') or 'the tokenizer'}")
+        self.template_name = resolve_template(tokenizer, spec.chat_template).origin
 
     def _chat(self) -> ChatRenderer:
         if self.renderer is None:  # raises the "no chat template" SpecError
@@ -90,10 +95,11 @@ class Encoder:
             return [(msgs[: i + 1], [i]) for i in train]
         return [(msgs, train)]
 
-    def render(self, where: str, rec: Any, method: str = "auto", warnings: set[str] | None = None
-               ) -> list[Rendered]:
+    def render(self, where: str, rec: Any, method: str = "auto", warnings: set[str] | None = None,
+               left_out: dict[str, int] | None = None) -> list[Rendered]:
         """The examples of one record, before tokenization."""
-        conv = to_conversation(rec, where, self.spec, eos=self.tokenizer.eos_token)
+        conv = to_conversation(rec, where, self.spec, eos=self.tokenizer.eos_token, mapping=self.mapping,
+                               warnings=warnings)
         if conv.plain is not None:
             text, start = conv.plain
             text, shift = self.enc.add_bos(text)
@@ -119,6 +125,9 @@ class Encoder:
                 # Dropped from the last turn too: the template never renders it, and split cannot help.
                 never = any(sp.reasoning_dropped and sp.index == len(msgs) - 1 for sp in spans)
                 warnings.add(REASONING_NEVER if never or self.spec.assistant_turns != "all" else REASONING_HISTORY)
+            if left_out is not None and not out:  # once per record: what the template does not render
+                for part in dropped_parts(clean, conv.tools, text, spans):
+                    left_out[part] = left_out.get(part, 0) + 1
             text, shift = self.enc.add_bos(text)
             out.append(Rendered(text, [(s.start + shift, s.end + shift) for s in spans],
                                 [clean[s.index] for s in spans]))
@@ -126,10 +135,15 @@ class Encoder:
 
     def __call__(self, pairs: Sequence[tuple[str, Any]]) -> Encoded:
         warnings: set[str] = set()
-        items = [r for where, rec in pairs for r in self.render(where, rec, warnings=warnings)]
+        left_out: dict[str, int] = {}
+        items, wheres = [], []
+        for where, rec in pairs:
+            for r in self.render(where, rec, warnings=warnings, left_out=left_out):
+                items.append(r)
+                wheres.append(where)
         if not items:
             empty = np.zeros(0, dtype=np.int32)
-            return Encoded(empty, empty.copy(), np.zeros(0, dtype=np.int64), warnings)
+            return Encoded(empty, empty.copy(), np.zeros(0, dtype=np.int64), warnings, wheres, left_out)
         texts = [r.text for r in items]
         spans = [r.spans for r in items]
         ids, starts, ends, lens = self.enc.encode(texts, spans)
@@ -137,4 +151,4 @@ class Encoder:
         flat = np.array([c for s in spans for c in s], dtype=np.int64).reshape(-1, 2)
         text_lens = np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))
         mask = label_mask(starts, ends, lens, text_lens, flat[:, 0], flat[:, 1], counts)
-        return Encoded(ids, np.where(mask, ids, -100).astype(np.int32), lens, warnings)
+        return Encoded(ids, np.where(mask, ids, -100).astype(np.int32), lens, warnings, wheres, left_out)

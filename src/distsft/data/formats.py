@@ -13,11 +13,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from distsft.data.peers import join_text_parts, mapping_for, refuse_multimodal
 from distsft.errors import SpecError
 
 ROLES = ("system", "user", "assistant", "tool")
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "system": "system", "tool": "tool", "function_response": "tool", "observation": "tool"}
 # The names apply_chat_template itself binds; a row's chat_template_kwargs must not shadow them.
 _RESERVED_KWARGS = ("messages", "tools", "documents", "add_generation_prompt")
 
@@ -83,6 +82,8 @@ def _message(m: Any, j: int, where: str) -> dict:
         del m["tool_calls"]
         calls = None
     content = m.get("content")
+    if isinstance(content, list):  # OpenAI / LLaMA-Factory content parts: the text parts, joined
+        content = m["content"] = join_text_parts(content, where, j, role)
     if content is None and not calls:
         raise SpecError(f"{where}: message {j} must be an object with 'role' and 'content'")
     if content is not None and not isinstance(content, str):
@@ -107,22 +108,6 @@ def _messages(raw: Any, where: str, col: str) -> list[dict]:
     if not isinstance(raw, list) or not raw:
         raise SpecError(f"{where}: {col!r} must be a non-empty list of messages")
     return [_message(m, j, where) for j, m in enumerate(raw)]
-
-
-def _sharegpt(raw: Any, where: str, col: str) -> list[dict]:
-    if not isinstance(raw, list) or not raw:
-        raise SpecError(f"{where}: {col!r} must be a non-empty list of {{from, value}} turns")
-    out = []
-    for j, t in enumerate(raw):
-        if not isinstance(t, dict) or "from" not in t or "value" not in t:
-            raise SpecError(f"{where}: turn {j} of {col!r} must be an object with 'from' and 'value'")
-        role = SHAREGPT_ROLES.get(t["from"])
-        if role is None:
-            raise SpecError(f"{where}: turn {j} has from={t['from']!r}; expected one of "
-                            f"{', '.join(sorted(SHAREGPT_ROLES))}")
-        m = {k: v for k, v in t.items() if k not in ("from", "value")}
-        out.append({"role": role, "content": t["value"], **m})
-    return _messages(out, where, col)
 
 
 def _string(v: Any, col: str, where: str) -> str:
@@ -156,8 +141,20 @@ def _row_extras(rec: dict, where: str) -> tuple[list | None, dict]:
     return tools or None, kwargs
 
 
-def to_conversation(rec: Any, where: str, spec: Any, eos: str | None = None) -> Conversation:
-    """One record as a Conversation; `eos` is appended to template-free text as TRL does."""
+def to_conversation(rec: Any, where: str, spec: Any, eos: str | None = None, mapping: Any = None,
+                    warnings: set[str] | None = None) -> Conversation:
+    """One record as a Conversation; `eos` is appended to template-free text as TRL does. `mapping`
+    (data/peers.py) reads a source described the LLaMA-Factory or axolotl way; distsft's own sharegpt
+    and instruction formats are read by the same code."""
+    if isinstance(rec, dict):
+        refuse_multimodal(rec, where)
+    if mapping is None and spec.format in ("sharegpt", "instruction"):
+        for col, key in _native_required(spec):
+            _need(rec, col, key, where, spec)  # the missing-column message with its data.format hint
+        mapping = native_mapping(spec)
+    if mapping is not None:
+        rec = mapping.convert(rec, where, warnings)
+        spec = messages_spec(spec)
     fmt = spec.format
     if fmt == "text":
         text = _string(_need(rec, spec.text_column, "text_column", where, spec), spec.text_column, where)
@@ -198,22 +195,31 @@ def _finish(conv: Conversation, where: str, spec: Any) -> Conversation:
     return conv
 
 
+def _native_required(spec: Any) -> list[tuple[str, str]]:
+    if spec.format == "sharegpt":
+        return [(spec.conversations_column, "conversations_column")]
+    return [(spec.instruction_column, "instruction_column"), (spec.output_column, "output_column")]
+
+
+def native_mapping(spec: Any) -> Any:
+    """distsft's sharegpt / instruction format as a data/peers.py mapping (columns already renamed)."""
+    return mapping_for(None, spec, f"data.format: {spec.format}")
+
+
+def messages_spec(spec: Any) -> Any:
+    """The DataSpec that reads what a mapping produces: `messages` (+ `tools`, `chat_template_kwargs`)."""
+    if spec.format == "messages" and spec.messages_column == "messages":
+        return spec
+    return spec.model_copy(update={"format": "messages", "messages_column": "messages"})
+
+
 def chat_messages(rec: Any, where: str, spec: Any) -> list[dict]:
     """The validated messages of a chat-shaped record (messages, sharegpt or instruction)."""
-    if spec.format == "instruction":
-        inst = _need(rec, spec.instruction_column, "instruction_column", where, spec)
-        out = _need(rec, spec.output_column, "output_column", where, spec)
-        inp = rec.get(spec.input_column) or ""
-        for col, v in ((spec.instruction_column, inst), (spec.output_column, out), (spec.input_column, inp)):
-            _string(v, col, where)
-        if not out.strip():
-            raise SpecError(f"{where}: empty {spec.output_column!r} (the assistant turn); nothing to train on")
-        user = inst + ("\n\n" + inp if inp.strip() else "")
-        msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": out}]
-    elif spec.format == "sharegpt":
-        msgs = _sharegpt(_need(rec, spec.conversations_column, "conversations_column", where, spec), where,
-                         spec.conversations_column)
-    elif spec.format in ("messages", "prompt_completion", "text"):
+    if spec.format in ("sharegpt", "instruction"):
+        for col, key in _native_required(spec):
+            _need(rec, col, key, where, spec)
+        rec, spec = native_mapping(spec).convert(rec, where), messages_spec(spec)
+    if spec.format in ("messages", "prompt_completion", "text"):
         msgs = _messages(_need(rec, spec.messages_column, "messages_column", where, spec), where,
                          spec.messages_column)
     else:  # pragma: no cover - the spec's Literal keeps this out

@@ -57,10 +57,11 @@ def _end_ok(renderer: ChatRenderer, text: str, turn: dict) -> str | None:
     return f"the answer {answers[0][:40]!r} is not in its labelled span"
 
 
-def check_records(tokenizer: Any, spec: Any, pairs: list[tuple[str, Any]], show: Any = print
-                  ) -> list[tuple[str, str]]:
-    """Verdicts (PASS/WARN/FAIL, message) for the records `pairs`; each example is shown marked."""
-    enc = Encoder(tokenizer, spec)
+def check_records(tokenizer: Any, spec: Any, pairs: list[tuple[str, Any]], show: Any = print,
+                  mapping: Any = None, source: str | None = None, first: int = 0) -> list[tuple[str, str]]:
+    """Verdicts (PASS/WARN/FAIL, message) for the records `pairs` (of `source`, read with `mapping`);
+    each example is shown marked, numbered from `first` + 1."""
+    enc = Encoder(tokenizer, spec, mapping)
     cross = None
     if enc.renderer is not None:
         # The other method: differential rendering, on the template without its markers if it has them
@@ -69,14 +70,14 @@ def check_records(tokenizer: Any, spec: Any, pairs: list[tuple[str, Any]], show:
         plain = re.sub(r"\{%(-?)\s*endgeneration\s*(-?)%\}", r"{%\1 endif \2%}", plain)
         cross = ChatRenderer(tokenizer, plain)
     results: list[tuple[str, str]] = []
-    shown = 0
+    shown = first
     for where, rec in pairs:
         rendered = enc.render(where, rec)
         others = _diff_render(enc, cross, where, rec) if cross is not None else None
         for j, r in enumerate(rendered):
             shown += 1
             chars, n_loss = _char_mask(enc, r)
-            show(f"example {shown} ({where}):\n{marked_text(r.text, chars)}")
+            show(f"example {shown} ({source + ', ' if source else ''}{where}):\n{marked_text(r.text, chars)}")
             if r.spans and (after := r.text[r.spans[-1][1]:]).strip():
                 # e.g. a generation prompt the template writes after the last message: shown unmarked above
                 show(f"  after the last labelled span, carrying no loss: {after!r}")

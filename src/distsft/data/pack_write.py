@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from distsft.data.drops import explain
 from distsft.data.packing import pack_bfd
 from distsft.errors import SpecError
 
@@ -49,9 +50,8 @@ def write_packed(spilled: Any, labels: list[str], d: Any, path: Path) -> dict:
         idx = np.flatnonzero(spilled.set_of == i)  # contiguous: sets are encoded one after the other
         if idx.size == 0:
             what = "the training data" if labels == ["train"] else f"eval set {label!r}"
-            raise SpecError(f"no examples left in {what}: all {spilled.stats['num_dropped']} dropped were longer "
-                            f"than data.max_length={max_len} (data.overlong={d.overlong}) or had no assistant "
-                            "tokens left" if spilled.stats["num_dropped"] else f"no examples in {what}")
+            why = explain({**spilled.stats, "max_length": max_len}, d.assistant_turns)
+            raise SpecError(f"no examples left in {what}{why}" if why else f"no examples in {what}")
         order, per_row = _rows(lens_all[idx], max_len, d.packing)
         row0 = sum(int(p.size) for p in per_rows)
         orders.append(idx[order])

@@ -23,6 +23,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from distsft.data.overlong import apply_overlong
+from distsft.data.drops import merge as merge_drops
 from distsft.data.sources import Chunk, Reader, chunk_records
 from distsft.runtime import envvars
 
@@ -41,6 +42,7 @@ class Stream:
     columns: dict[str, str]         # {name the format expects: name in the source}
     mult: np.ndarray | None         # copies of each record (None: each once)
     set_index: int = 0              # which eval set (0 for train)
+    mapping: Any = None             # data/peers.py: a LLaMA-Factory / axolotl description (columns then unused)
     examples: int = 0               # filled by encode_streams: examples it produced
     kept: int = 0                   # ... and kept (after overlong handling)
 
@@ -55,7 +57,7 @@ class Spilled:
     labels_path: Path
     lengths: np.ndarray                       # int32 per kept example
     set_of: np.ndarray                        # int32 per kept example: its eval set (0 for train)
-    stats: dict[str, int]
+    stats: dict[str, Any]  # counts, and "drops" / "template_drops" (data/drops.py)
     warnings: set[str] = field(default_factory=set)
 
 
@@ -81,7 +83,8 @@ def _encoder(i: int) -> Any:
     enc = _WORKER["encoders"].get(i)
     if enc is None:
         from distsft.data.examples import Encoder
-        enc = _WORKER["encoders"][i] = Encoder(_WORKER["tokenizer"], _WORKER["specs"][i])
+        spec, mapping = _WORKER["specs"][i]
+        enc = _WORKER["encoders"][i] = Encoder(_WORKER["tokenizer"], spec, mapping)
     return enc
 
 
@@ -106,9 +109,10 @@ def encode_chunk(task: tuple[int, Chunk, dict[str, str], str, np.ndarray | None]
     pairs = rename_columns(chunk_records(chunk), columns, name)
     if mult is not None:
         pairs = [p for p, k in zip(pairs, mult.tolist()) for _ in range(k)]
-    spec = _WORKER["specs"][spec_i]
+    spec = _WORKER["specs"][spec_i][0]
     enc = _encoder(spec_i)(pairs)
-    tok, stats = apply_overlong(enc.input_ids, enc.labels.copy(), enc.lengths, spec)
+    tok, stats = apply_overlong(enc.input_ids, enc.labels.copy(), enc.lengths, spec, enc.wheres)
+    stats["template_drops"] = enc.template_drops
     return (tok["input_ids"].astype(np.int32, copy=False), tok["labels"].astype(np.int32, copy=False),
             tok["lengths"].astype(np.int32), int(enc.lengths.size), stats, set(enc.warnings))
 
@@ -128,13 +132,15 @@ def encode_streams(streams: list[Stream], tokenizer: Any, num_proc: int, spill_d
                    progress: Any = None) -> Spilled:
     specs: list[Any] = []
     spec_index = []
-    for s in streams:  # one Encoder per distinct DataSpec, built once per worker
-        if s.spec not in specs:
-            specs.append(s.spec)
-        spec_index.append(specs.index(s.spec))
+    for s in streams:  # one Encoder per distinct (DataSpec, mapping), built once per worker
+        if (s.spec, s.mapping) not in specs:
+            specs.append((s.spec, s.mapping))
+        spec_index.append(specs.index((s.spec, s.mapping)))
     ids_path, labels_path = spill_dir / "input_ids.i32", spill_dir / "labels.i32"
     lengths, sets = [], []
     totals = {"num_examples": 0, "num_dropped": 0, "num_truncated": 0, "num_tokens": 0, "num_loss_tokens": 0}
+    drops: dict[str, dict] = {}  # reason -> count and first rows, in chunk order (data/drops.py)
+    template_drops: dict[str, int] = {}  # what the template leaves out: system, tools -> conversations
     warnings: set[str] = set()
     with open(ids_path, "wb") as f_ids, open(labels_path, "wb") as f_labels:
         def take(si: int, result: tuple) -> None:
@@ -145,6 +151,9 @@ def encode_streams(streams: list[Stream], tokenizer: Any, num_proc: int, spill_d
             sets.append(np.full(lens.size, streams[si].set_index, dtype=np.int32))
             for k in totals:
                 totals[k] += stats[k]
+            merge_drops(drops, stats["drops"])
+            for k, v in stats["template_drops"].items():
+                template_drops[k] = template_drops.get(k, 0) + v
             streams[si].examples += produced
             streams[si].kept += int(lens.size)
             warnings.update(warn)
@@ -159,7 +168,8 @@ def encode_streams(streams: list[Stream], tokenizer: Any, num_proc: int, spill_d
                 take(si, encode_chunk(task))
         else:
             _run_pool(tasks, tokenizer, specs, num_proc, take)
-    return Spilled(ids_path, labels_path, _concat(lengths), _concat(sets), totals, warnings)
+    return Spilled(ids_path, labels_path, _concat(lengths), _concat(sets),
+                   {**totals, "drops": drops, "template_drops": template_drops}, warnings)
 
 
 def _run_pool(tasks: Iterator, tokenizer: Any, specs: list[Any], num_proc: int, take: Any) -> None:

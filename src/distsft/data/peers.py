@@ -34,7 +34,7 @@ AXOLOTL_ROLES = {"human": "user", "user": "user", "assistant": "assistant", "gpt
 MULTIMODAL_MSG = "multimodal data is not supported yet"
 
 
-def join_text_parts(content: Any, where: str, j: int) -> Any:
+def join_text_parts(content: Any, where: str, j: int, role: str | None = None) -> Any:
     """OpenAI-style content parts (`[{"type": "text", "text": ...}, ...]`) as one string; a part that
     is not text is an error naming the row. Anything else is returned as it is (checked later)."""
     if not isinstance(content, list):
@@ -44,8 +44,10 @@ def join_text_parts(content: Any, where: str, j: int) -> Any:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
             texts.append(part["text"])
-        elif isinstance(part, str):
-            texts.append(part)
+        elif not isinstance(part, dict) or not isinstance(kind, str):
+            who = f" ({role})" if role else ""
+            raise SpecError(f"{where}: message {j}{who} content must be a string or a list of content parts "
+                            f"({{\"type\": \"text\", \"text\": ...}}); part {k} is {type(part).__name__} {part!r:.60}")
         else:
             what = kind or type(part).__name__
             raise SpecError(f"{where}: message {j}: content part {k} is {what!r}, not text: {MULTIMODAL_MSG} "
@@ -249,27 +251,21 @@ Mapping = ChatMapping | AlpacaMapping
 
 
 def mapping_for(src: Any, d: Any, name: str) -> Mapping | None:
-    """The mapping a source's description (or its distsft format) asks for; None: read as `messages`,
-    `prompt_completion` or `text` (formats.py)."""
-    if is_lf(src):
+    """The mapping a source's description asks for (LLaMA-Factory or axolotl keys), or that distsft's
+    own `sharegpt` / `instruction` format is (`src` None or without such keys: `d.format`, columns
+    already renamed); None: the record is read as `messages`, `prompt_completion` or `text`."""
+    if src is not None and is_lf(src):
         return _lf(src, name)
-    if is_axolotl(src):
+    if src is not None and is_axolotl(src):
         return _axolotl(src, name)
-    fmt = src.format or d.format
+    fmt = getattr(src, "format", None) or d.format
     if fmt == "sharegpt":
-        col = src.columns.get(d.conversations_column, d.conversations_column) if src.columns else d.conversations_column
-        return ChatMapping(col, "from", "value", tuple(SHAREGPT_ROLES.items()),
-                           system=_col(src, "system"), tools=_col(src, "tools"),
-                           fix="data.format: sharegpt's roles", origin=f"{name}, format sharegpt")
+        return ChatMapping(d.conversations_column, "from", "value", tuple(SHAREGPT_ROLES.items()), system="system",
+                           tools="tools", fix="data.format: sharegpt's roles", origin=name)
     if fmt == "instruction":
-        return AlpacaMapping(_col(src, d.instruction_column), _col(src, d.input_column), _col(src, d.output_column),
-                             history=_col(src, "history"), system=_col(src, "system"), join="\n\n",
-                             origin=f"{name}, format instruction")
+        return AlpacaMapping(d.instruction_column, d.input_column, d.output_column, history="history",
+                             system="system", join="\n\n", origin=name)
     return None
-
-
-def _col(src: Any, name: str) -> str:
-    return (src.columns or {}).get(name, name)
 
 
 def _lf(src: Any, name: str) -> Mapping:
