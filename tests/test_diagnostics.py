@@ -87,7 +87,9 @@ def test_loss_not_falling_warns_once_after_warmup(args, capsys):
     state = TrainerState()
     state.log_history = [{**logs, "step": s} for s, logs in flat[:3]]
     _run(diag, args, flat[3:], state=state)
-    assert [r["step"] for r in diag.records] == [20] and "not falling" in diag.records[0]["warning"]
+    # step 20 reaches max(2 × warmup, 20% of 100), but only two logs follow warmup: the verdict waits for
+    # a third (issue 24: enough steps to tell)
+    assert [r["step"] for r in diag.records] == [25] and "not falling" in diag.records[0]["warning"]
     assert writer.records == diag.records
     assert capsys.readouterr().out.count("loss is not falling") == 1
 
@@ -214,3 +216,16 @@ def test_sample_generations_renders_training_format_and_syncs_under_zero3(args, 
     monkeypatch.setattr(model, "generate", fake_generate)
     cb.on_step_end(args, TrainerState(global_step=8), TrainerControl(), model=model)
     assert seen == {"synced": True, "training": False, "greedy": True, "left_padded": True}
+
+
+def test_a_short_run_is_not_told_its_loss_is_not_falling_before_it_can_tell(args):
+    """Issue 24: the check fired at step 2 of every short run. It waits until warmup is over, MIN_STEPS
+    steps after it and WINDOW logs to compare with the end of warmup."""
+    from distsft.train.diagnostics import MIN_STEPS, WINDOW
+    flat = [(s, {"loss": 2.0}) for s in range(1, 31)]
+    diag = Diagnostics(_spec(), total_steps=10, warmup_steps=1)
+    _run(diag, args, flat[:10])  # a 10-step run: never enough steps after warmup to tell
+    assert diag.records == []
+    diag = Diagnostics(_spec(), total_steps=30, warmup_steps=3)
+    _run(diag, args, flat)
+    assert [r["step"] for r in diag.records] == [3 + MIN_STEPS] and MIN_STEPS >= WINDOW

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from distsft.errors import SpecError
+from distsft.runtime.console import literal
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="One YAML run spec to a supervised fine-tuning job: locally or on SLURM.")
@@ -28,7 +29,7 @@ GPUS = typer.Option(None, "--gpus", min=1, help="GPUs (or CPU processes) per nod
 
 
 def _fail(msg: str) -> None:
-    err.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    err.print(literal("error:", "bold red", msg), highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -95,7 +96,7 @@ def plan(spec_path: Path = typer.Argument(..., metavar="SPEC"), overrides: Optio
     _print_plan(spec, p, mem, why, plots)
     if all_stats:
         from distsft.launch.prepare import describe
-        Console().print("\n".join(describe(all_stats)), highlight=False, soft_wrap=True)
+        Console().print("\n".join(describe(all_stats)), highlight=False, soft_wrap=True, markup=False)
 
 
 def _plots(spec: Any, p: Any, stats: dict[str, Any] | None) -> list[str]:
@@ -154,11 +155,11 @@ def _print_plan(spec: Any, p: Any, mem: dict[str, Any] | None, why: str | None, 
         t.add_row(k, v)
     out.print(t)
     if why:
-        out.print(f"[yellow]data not read:[/] {why}", soft_wrap=True)
+        out.print(literal("data not read:", "yellow", why), soft_wrap=True)
     for w in p.warnings:
-        out.print(f"[yellow]warning:[/] {w}", soft_wrap=True)
+        out.print(literal("warning:", "yellow", w), soft_wrap=True)
     for f in plots:
-        out.print(f"plot: {f}")
+        out.print(f"plot: {f}", markup=False)
 
 
 @app.command()

@@ -151,6 +151,10 @@ def build(spec: Any, tokenizer: Any, split: str, cache_root: str | Path) -> tupl
         for w in left_out_lines(spilled.stats["template_drops"], total, origin):
             warn(w)
         stats = write_packed(spilled, labels, d, tmp / DATA_FILE)
+        from distsft.data.drops import explain, lines
+        stats["drop_lines"] = lines(stats, d.assistant_turns)  # said by prepare, plan and the run's first lines
+        stats["drops_explained"] = explain(stats, d.assistant_turns)  # in a "too few rows" error
+        stats["template_left_out"] = left_out_lines(spilled.stats["template_drops"], total, origin)
         if split == "train":
             stats["sources"] = [{"path": s.reader.path, "subset": s.reader.subset, "split": s.reader.split,
                                  "examples": s.examples} for s in streams]

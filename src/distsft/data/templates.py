@@ -48,7 +48,7 @@ def resolve(tokenizer: Any, value: str | None) -> Template:
 def apply_to_tokenizer(tokenizer: Any, value: str | None) -> Template:
     """Make the trained template the tokenizer's (saved with it as chat_template.jinja)."""
     t = resolve(tokenizer, value)
-    if t.text:
+    if value and t.text:  # unset: the tokenizer's own templates (all its variants) stay as they are
         tokenizer.chat_template = t.text
     setattr(tokenizer, _APPLIED, (value, t))
     return t

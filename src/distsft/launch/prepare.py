@@ -58,12 +58,14 @@ def describe(stats: dict[str, dict[str, Any]]) -> list[str]:
              f"loss) in {t['num_rows']:,} rows of {t['max_length']} (packing efficiency "
              f"{t['packing_efficiency']:.2%}; lower bound {t['lower_bound_rows']:,} rows); "
              f"{t['num_dropped']:,} dropped, {t['num_truncated']:,} truncated"]
+    lines += [f"  {line}" for line in t.get("drop_lines", []) + t.get("template_left_out", [])]
     for s in t.get("sources", []):
         where = s["path"] + (f" [{s['subset']}]" if s.get("subset") else "") + f" ({s['split']})"
         lines.append(f"  source {where}: {s['examples']:,} examples")
     ev = stats.get("eval")
     if ev:
         lines.append(f"eval: {ev['num_examples']:,} examples, {ev['num_tokens']:,} tokens in {ev['num_rows']:,} rows")
+        lines += [f"  {line}" for line in ev.get("drop_lines", [])]
         for s in ev.get("eval_sets", []):
             lines.append(f"  eval set {s['label']}: {s['examples']:,} examples, {s['tokens']:,} tokens")
     return lines

@@ -53,7 +53,7 @@ class Progress:
 
     def _print(self, line: str) -> None:
         if self._bar is not None:
-            self._bar.console.print(line)
+            self._bar.console.print(line, markup=False, highlight=False)
         else:
             print(line, flush=True)
 

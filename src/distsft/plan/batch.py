@@ -67,13 +67,14 @@ def pin_global_batch(spec: RunSpec) -> RunSpec:
     return out
 
 
-def steps(num_rows: int, global_batch: int, epochs: float, max_steps: int) -> tuple[int, int]:
+def steps(num_rows: int, global_batch: int, epochs: float, max_steps: int, why: str = "") -> tuple[int, int]:
     """(steps_per_epoch, total_steps). Each step takes a full global batch; a partial last batch is
-    dropped so every rank takes the same number of steps."""
+    dropped so every rank takes the same number of steps. `why`: the build's drops, when too few rows
+    are left (stats["drops_explained"])."""
     per_epoch = num_rows // global_batch
     if per_epoch == 0:  # with max_steps too: no step could take a full global batch
         raise SpecError(f"the training data has {num_rows} rows (after packing), fewer than one global "
-                        f"batch of {global_batch}: lower train.global_batch_size / "
+                        f"batch of {global_batch}{why}: lower train.global_batch_size / "
                         "per_device_train_batch_size, or add data")
     if max_steps > 0:
         return per_epoch, max_steps

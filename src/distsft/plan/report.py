@@ -56,8 +56,8 @@ def make_plan(spec: RunSpec, data_stats: dict[str, Any] | None = None) -> Plan:
         plan.num_loss_tokens = int(data_stats.get("num_loss_tokens", 0)) or None
         plan.num_packed_rows = rows
         plan.packing_efficiency = float(data_stats["packing_efficiency"])
-        plan.steps_per_epoch, plan.total_steps = steps(rows, b.global_batch_size,
-                                                       spec.train.num_train_epochs, spec.train.max_steps)
+        plan.steps_per_epoch, plan.total_steps = steps(rows, b.global_batch_size, spec.train.num_train_epochs,
+                                                       spec.train.max_steps, data_stats.get("drops_explained", ""))
         plan.warmup_steps = warmup_steps(plan.total_steps, spec.train.warmup_ratio)
         plan.tokens_per_step = plan.num_tokens / rows * b.global_batch_size if rows else None
     plan.warnings = hyperparameter_warnings(spec, plan)
@@ -87,6 +87,10 @@ def hyperparameter_warnings(spec: RunSpec, plan: Plan, num_parameters: int | Non
         w.append(f"only {plan.total_steps} optimizer steps: the schedule (warmup, decay) barely applies")
     if lora and spec.peft.r > 256:
         w.append(f"peft.r={spec.peft.r} is unusually large for LoRA (typical 8–128)")
+    if spec.data.has_eval and not t.eval_steps:
+        what = "data.val_set_size" if spec.data.val_set_size else "the eval sets (data.eval_files / data.eval_sources)"
+        w.append(f"{what} without train.eval_steps: evaluated once, at the end of training (set train.eval_steps "
+                 "to evaluate during training)")
     if plan.num_tokens and plan.num_examples and plan.num_tokens / plan.num_examples < 4:
         w.append("examples average fewer than 4 tokens: check data.format and the column names")
     return w

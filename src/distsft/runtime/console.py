@@ -57,3 +57,11 @@ def configure_logging(is_main: bool) -> None:
         datasets.logging.set_verbosity_error()
     no_progress_bars()
     envvars.tokenizers_single_threaded()
+
+
+def literal(label: str, style: str, msg: str) -> object:
+    """A styled label followed by a message printed literally: text in the message that looks like rich
+    markup (a row's `file[row 3]`, a role named `[/INST]`) reaches the user as it is, instead of being
+    eaten or crashing the print with a MarkupError."""
+    from rich.text import Text
+    return Text.assemble((label, style), " ", msg)

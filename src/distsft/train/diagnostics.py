@@ -18,6 +18,7 @@ from distsft.runtime import dist
 
 WINDOW = 3  # logged losses averaged on each side of the "is it falling" comparison
 MIN_DROP = 0.01  # the loss must fall by more than 1% from the end of warmup
+MIN_STEPS = 10  # optimizer steps after warmup before the "is it falling" check may speak
 MEMORISED_LOSS = 0.1
 
 
@@ -122,16 +123,18 @@ class Diagnostics(TrainerCallback):
             self.writer.write(rec)
 
     def _check_falling(self, step: int, history: list[dict[str, Any]]) -> None:
-        """After max(2 × warmup, 20% of training), the recent loss must be below the end-of-warmup loss
-        by more than 1% (means over a few logged values, so one noisy log does not decide)."""
-        if step < max(2 * self.warmup, math.ceil(0.2 * self.total)):
+        """Once warmup is over and enough steps exist to tell (at least MIN_STEPS after warmup, and
+        max(2 × warmup, 20% of training)), the recent loss must be below the end-of-warmup loss by more
+        than 1% (means over WINDOW logged values each, so one noisy log does not decide). Before, a
+        short run was told "loss is not falling" at step 2, comparing one log with another."""
+        if step < max(self.warmup + MIN_STEPS, 2 * self.warmup, math.ceil(0.2 * self.total)):
             return
         losses = [(h["step"], h["loss"]) for h in history if _finite(h.get("loss"))]
         base = [x for x in losses if x[0] <= self.warmup][-WINDOW:] or losses[:WINDOW]
         if not base:
             return
         recent = [x for x in losses if x[0] > base[-1][0]][-WINDOW:]
-        if not recent:
+        if len(recent) < WINDOW:
             return
         b, r = _mean([x[1] for x in base]), _mean([x[1] for x in recent])
         if r > b * (1 - MIN_DROP):

@@ -47,6 +47,8 @@ def finish(r: Any) -> int:
             mark_preempted(r.out, step)
         dist.print0(f"stopped on a signal after saving checkpoint-{step}; rerun the same command to resume")
         return EXIT_PREEMPTED
+    if spec.data.has_eval and not spec.train.eval_steps and step > 0:
+        trainer.evaluate()  # eval sets without train.eval_steps: once, at the end (all ranks: a collective)
     if spec.distributed.backend == "fsdp":
         from distsft.train.fsdp import save_consolidated
         save_consolidated(trainer, str(r.out))  # checkpoints are sharded; the final model is not

@@ -176,9 +176,12 @@ def load_data(r: Rank) -> None:
     other ranks poll the file system (data.split), so all of them reach the next collective together."""
     from distsft.data.split import eval_sets, prepare_split
     from distsft.plan.batch import steps
+    from distsft.data.templates import apply_to_tokenizer
     from distsft.train.tokens import load_tokenizer
     spec, t = r.spec, r.spec.train
     r.tokenizer = load_tokenizer(spec)
+    # The trained template becomes the tokenizer's: every save (output_dir, checkpoints) carries it.
+    apply_to_tokenizer(r.tokenizer, spec.data.chat_template)
     r.train_ds, r.stats = prepare_split(spec, r.tokenizer, "train")
     r.eval_ds = eval_sets(*prepare_split(spec, r.tokenizer, "eval")) if spec.data.has_eval else None
     r.data_key = train_data_key(spec, r.tokenizer)
@@ -186,7 +189,8 @@ def load_data(r: Rank) -> None:
         dist.agree(lambda: check_data_unchanged(r.marker, r.data_key))
     # Too little data for one global batch is one message (rank 0's), not one per rank.
     r.steps_per_epoch, r.total_steps = dist.agree(
-        lambda: steps(r.stats["num_rows"], r.batch.global_batch_size, t.num_train_epochs, t.max_steps))
+        lambda: steps(r.stats["num_rows"], r.batch.global_batch_size, t.num_train_epochs, t.max_steps,
+                      r.stats.get("drops_explained", "")))
 
 
 def training_arguments(r: Rank) -> None:
@@ -278,6 +282,10 @@ def build_trainer(r: Rank) -> None:
     dist.print0(f"data: {stats['num_examples']} examples, {stats['num_tokens']} tokens in {stats['num_rows']} rows "
                 f"(packing efficiency {stats['packing_efficiency']:.1%}); {r.steps_per_epoch} steps/epoch, "
                 f"{r.total_steps} steps" + (f"; resuming from {r.resume.name}" if r.resume else ""))
+    for line in stats.get("drop_lines", []):
+        dist.print0(f"data: {line}")
+    if spec.data.has_eval and not spec.train.eval_steps:
+        dist.print0("eval: no train.eval_steps, so the eval set is evaluated once, at the end of training")
 
 
 def main(argv: list[str] | None = None) -> None:
