@@ -207,6 +207,9 @@ def test_deepspeed_file_agrees_with_plan(tmp_path):
 
 def test_run_yaml_pins_global_batch(tmp_path):
     spec = make_spec(BACKENDS["zero2"], {"global_batch_size": None, "gradient_accumulation_steps": 3}, 1, 4)
+    # as load_spec leaves them (issue 24): paths absolute, so run.yaml names the same files from OUTPUT_DIR
+    spec = spec.model_copy(update={"output_dir": str(tmp_path / "o"), "data": spec.data.model_copy(
+        update={"train_files": [str(tmp_path / "a.jsonl")]})})
     paths = write_run_dir(spec, tmp_path / "run", cuda=False, bf16_supported=False)
     assert set(paths) == {"run", "accelerate", "deepspeed"}
     again = load_spec(paths["run"])

@@ -142,15 +142,18 @@ def test_overrides_typed_by_schema(tmp_path):
                                           "data.train_files=[a.jsonl,b.jsonl]", "train.bf16=true",
                                           "distributed.gpus_per_node=4", "train.num_train_epochs=2"])
     assert isinstance(s.train.learning_rate, float) and s.train.learning_rate == 1e-5
-    assert s.output_dir == "runs/try2"
-    assert s.data.train_files == ["a.jsonl", "b.jsonl"]
+    # paths given on the command line resolve from the working directory (issue 24)
+    assert s.output_dir == str(Path.cwd() / "runs" / "try2")
+    assert s.data.train_files == [str(Path.cwd() / "a.jsonl"), str(Path.cwd() / "b.jsonl")]
     assert s.train.bf16 is True
     assert s.distributed.gpus_per_node == 4
     assert s.train.num_train_epochs == 2.0
 
 
 def test_single_train_file_becomes_list(tmp_path):
-    assert load_spec(write(tmp_path, BASE), ["data.train_files=c.jsonl"]).data.train_files == ["c.jsonl"]
+    assert load_spec(write(tmp_path, BASE), ["data.train_files=c.jsonl"]).data.train_files == [str(Path.cwd() / "c.jsonl")]
+    # in the file, from the spec's directory
+    assert load_spec(write(tmp_path, BASE.replace("[a.jsonl]", "d.jsonl"))).data.train_files == [str(tmp_path / "d.jsonl")]
 
 
 def test_override_beats_file(tmp_path):

@@ -222,10 +222,11 @@ def prepare(spec_path: Path = typer.Argument(..., metavar="SPEC"), overrides: Op
 
 @app.command()
 def sanity(spec_path: Path = typer.Argument(..., metavar="SPEC"), overrides: Optional[list[str]] = OVERRIDES,
-           gpus: Optional[int] = GPUS) -> None:
-    """10–20 steps on a small subset: masking, falling loss, generation. PASS/WARN lines; exit 0 or 1."""
+           gpus: Optional[int] = GPUS,
+           steps: int = typer.Option(15, "--steps", min=1, help="optimizer steps of the rehearsal")) -> None:
+    """N steps (15) on a subset of every source: masking, falling loss, generation. PASS/WARN lines; exit 0 or 1."""
     from distsft.sanity import run_sanity
-    _exit_with(run_sanity, str(spec_path), overrides or [], gpus)
+    _exit_with(run_sanity, str(spec_path), overrides or [], gpus, steps)
 
 
 def main() -> None:

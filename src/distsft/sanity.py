@@ -1,8 +1,12 @@
-"""`distsft sanity SPEC`: a 10–20 step dress rehearsal on a small subset before a long job.
+"""`distsft sanity SPEC [--steps N]`: an N-step (default 15) dress rehearsal on a small subset before a
+long job.
 
-Checks, each printed as PASS / WARN / FAIL: the loss masking (the first examples' rendered text with
-the loss-carrying spans marked; each span must end where its turn's answer ends), that training runs (no out-of-memory), that the loss falls, and that generation works.
-Exit 0 when nothing FAILs, 1 otherwise.
+The subset is drawn from every training source in proportion to its size (at least one example each,
+seeded), not the first examples of the first source. Checks, each printed as PASS / WARN / FAIL: the
+loss masking (examples from every source, named, rendered with the loss-carrying spans marked; each
+span must end where its turn's answer ends), that training runs (no out-of-memory), that the loss
+falls, and that generation works. Exit 0 when nothing FAILs, 1 otherwise. Its temporary directory is
+removed on every exit (a failure, an error, Ctrl-C).
 """
 
 from __future__ import annotations
@@ -13,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.markup import escape
 
-from distsft.config.spec import RunSpec, dump_spec, load_spec
+from distsft.config.spec import DataSpec, RunSpec, dump_spec, load_spec
+from distsft.runtime.console import literal
 
 STEPS = 15
 SUBSET = 400
@@ -23,7 +27,7 @@ console = Console(highlight=False)
 
 
 def check_masking(spec: RunSpec, n: int = 3) -> tuple[list[tuple[str, str]], dict[str, Any]]:
-    """The first examples rendered with their loss-carrying text marked [[like this]], the verdicts
+    """Examples from every source rendered with their loss-carrying text marked [[like this]], the verdicts
     (data.inspect: each labelled span holds its turn's answer and ends where it ends, and a second way
     of locating the spans agrees), and the data stats."""
     from distsft.data import build as data
@@ -33,9 +37,12 @@ def check_masking(spec: RunSpec, n: int = 3) -> tuple[list[tuple[str, str]], dic
     from distsft.data.split import cache_root
     tok = tokens_lib.load_tokenizer(spec)
     ds, stats = data.load_or_build(spec, tok, "train", cache_root(spec))
-    pairs, d = sample_records(spec, n)
-
-    results = check_records(tok, d, pairs, show=lambda t: console.print(escape(t), highlight=False))
+    results: list[tuple[str, str]] = []
+    shown = 0
+    for name, pairs, d, mapping in sample_records(spec, n):
+        results += check_records(tok, d, pairs, show=lambda t: console.print(t, highlight=False, markup=False),
+                                 mapping=mapping, source=name, first=shown)
+        shown += len(pairs)
     share = stats["num_loss_tokens"] / max(1, stats["num_tokens"])
     if share >= 1.0 and spec.data.format != "text":
         results.append(("FAIL", "every token carries loss (masking is off)"))
@@ -45,21 +52,37 @@ def check_masking(spec: RunSpec, n: int = 3) -> tuple[list[tuple[str, str]], dic
     return results, stats
 
 
-def _sanity_spec(spec: RunSpec, out: Path) -> RunSpec:
+def _subset(spec: RunSpec) -> DataSpec:
+    """data with every training source cut to its share of SUBSET examples (a seeded draw: `count`)."""
+    from distsft.data import mixture
+    from distsft.data.build import open_streams
+    d = spec.data
+    sizes = [s.selected() for s in open_streams(spec, "train")[0]]
+    raw = d.model_dump()
+    raw.update(eval_files=[], eval_sources=[], val_set_size=None, train_files=[])
+    total = sum(sizes)
+    sources = []
+    for src, n in zip(mixture.train_sources(spec), sizes):
+        k = n if total <= SUBSET else max(1, round(SUBSET * n / total))
+        sources.append({**src.spec.model_dump(), "fraction": None, "count": k} if k != n else src.spec.model_dump())
+    raw["sources"] = sources
+    return DataSpec.model_validate(raw)
+
+
+def _sanity_spec(spec: RunSpec, out: Path, steps: int = STEPS) -> RunSpec:
     s = spec.model_copy(deep=True)
     s.output_dir = str(out)
-    s.data.max_train_examples = min(spec.data.max_train_examples or SUBSET, SUBSET)
-    s.train.max_steps = STEPS
+    s.data = _subset(spec)
+    s.train.max_steps = steps
     s.train.warmup_ratio = 0.1
     s.train.eval_steps = None
-    s.data.eval_files = []
     s.checkpoint.save_steps = None
     s.checkpoint.resume = "never"
     s.checkpoint.load_best_at_end = False
     s.checkpoint.save_merged = False
     s.logging.logging_steps = 1
     s.logging.report_to = ["jsonl"]
-    s.logging.generation_steps = STEPS
+    s.logging.generation_steps = steps
     if not s.logging.generation_prompts:
         s.logging.generation_prompts = ["Hello! What can you do?"]
     return s
@@ -75,12 +98,19 @@ def _subset_batch(spec: RunSpec, rows: int) -> None:
         t.gradient_accumulation_steps = max(1, rows // 2 // unit)
 
 
-def run_sanity(spec_path: str, overrides: list[str], gpus: int | None) -> int:
-    from distsft.launch import local as launcher
-    from distsft.observe.metrics import read_metrics
+def run_sanity(spec_path: str, overrides: list[str], gpus: int | None, steps: int = STEPS) -> int:
     user = load_spec(spec_path, overrides, gpus=gpus)
     out = Path(tempfile.mkdtemp(prefix="distsft-sanity-"))
-    spec = _sanity_spec(user, out / "run")
+    try:  # removed on every exit: PASS, FAIL, a user error (exit 2), Ctrl-C
+        return _rehearse(user, out, gpus, steps)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def _rehearse(user: RunSpec, out: Path, gpus: int | None, steps: int) -> int:
+    from distsft.launch import local as launcher
+    from distsft.observe.metrics import read_metrics
+    spec = _sanity_spec(user, out / "run", steps)
     results, stats = check_masking(spec)
     from distsft.train.tokens import sanity_results
     results += sanity_results(spec)  # template markers missing from the vocabulary (trl#1668)
@@ -89,7 +119,9 @@ def run_sanity(spec_path: str, overrides: list[str], gpus: int | None) -> int:
     _subset_batch(spec, stats["num_rows"])
     spec_file = out / "sanity.yaml"
     dump_spec(spec, spec_file)
-    console.print(f"[dim]sanity: {STEPS} steps on {spec.data.max_train_examples} examples in {out}[/]")
+    per = ", ".join(f"{s['examples']:,} from {s['path']}" for s in stats.get("sources", []))
+    console.print(f"sanity: {steps} steps on {stats['num_examples']:,} examples ({per})", style="dim",
+                  markup=False, highlight=False)
     code = launcher.run(str(spec_file), [], gpus)
     recs = read_metrics(spec.output_dir)
     losses = [r["loss"] for r in recs if "loss" in r]
@@ -110,8 +142,5 @@ def run_sanity(spec_path: str, overrides: list[str], gpus: int | None) -> int:
         results.append(("WARN", "no sample generation was recorded"))
     colour = {"PASS": "green", "WARN": "yellow", "FAIL": "red"}
     for verdict, msg in results:
-        console.print(f"[bold {colour[verdict]}]{verdict}[/] {escape(msg)}")
-    failed = any(v == "FAIL" for v, _ in results)
-    if not failed:
-        shutil.rmtree(out, ignore_errors=True)
-    return 1 if failed else 0
+        console.print(literal(verdict, f"bold {colour[verdict]}", msg))
+    return 1 if any(v == "FAIL" for v, _ in results) else 0

@@ -454,6 +454,7 @@ def load_spec(path: str | Path, overrides: list[str] | None = None,
     touched = apply_overrides(raw, list(overrides or []))
     # Relative paths: from the spec's directory; those given on the command line from the working one.
     from .paths import resolve_paths
+    raw.setdefault("output_dir", RunSpec.model_fields["output_dir"].default)  # the default too: from the spec's dir
     resolve_paths(raw, p.resolve().parent, touched)
     dist = raw.setdefault("distributed", {}) if (nodes or gpus) else None
     if isinstance(dist, dict):

@@ -143,6 +143,10 @@ def write_run_dir(spec: RunSpec, out_dir: str | Path, *, cuda: bool, bf16_suppor
     paths = {"run": out / rundir.RUN_YAML, "accelerate": out / rundir.ACCELERATE_YAML}
     # The global batch, not the accumulation, is recorded so a resume on another GPU count keeps it.
     dump_spec(pin_global_batch(spec), paths["run"])
+    # Where the trained chat template comes from (it is saved as chat_template.jinja with the model).
+    from distsft.config.templates import describe
+    note = describe(spec.data.chat_template, spec.model.name_or_path).replace("\n", " ")
+    paths["run"].write_text(f"# chat template: {note}\n" + paths["run"].read_text())
     ds_file = None
     if spec.distributed.backend == "deepspeed":
         paths["deepspeed"] = out / rundir.DEEPSPEED_JSON
