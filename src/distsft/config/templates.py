@@ -107,6 +107,26 @@ def no_such_path(value: str) -> str:
             f"directory or its tokenizer_config.json, or a name ({', '.join(NAMES)})")
 
 
+def check_variant(value: str | None, model: str) -> None:
+    """A bare word that is not a shipped name must be a named variant of a local tokenizer's templates
+    (`chat_templates/NAME.jinja`, or a {name, template} entry of tokenizer_config.json). A hub model
+    not on disk is checked when its tokenizer loads."""
+    if not value or is_jinja(value) or Path(value).exists() or value in NAMES or looks_like_path(value):
+        return
+    d = Path(model)
+    if not d.is_dir():
+        return
+    if (d / "chat_templates" / f"{value}.jinja").is_file():
+        return
+    try:
+        t = json.loads((d / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
+    except (OSError, ValueError, AttributeError):
+        t = None
+    if isinstance(t, list) and any(isinstance(x, dict) and x.get("name") == value for x in t):
+        return
+    raise SpecError(expected(value))
+
+
 def resolve_text(value: str) -> Template | None:
     """The template of a value that needs no tokenizer (path, shipped name, Jinja); None otherwise."""
     if is_jinja(value):
