@@ -120,7 +120,7 @@ def _rehearse(user: RunSpec, out: Path, gpus: int | None, steps: int) -> int:
     spec_file = out / "sanity.yaml"
     dump_spec(spec, spec_file)
     per = ", ".join(f"{s['examples']:,} from {s['path']}" for s in stats.get("sources", []))
-    console.print(f"sanity: {steps} steps on {stats['num_examples']:,} examples ({per})", style="dim",
+    console.print(f"sanity: {steps} steps on {stats['num_examples']:,} examples ({per})", style="dim", soft_wrap=True,
                   markup=False, highlight=False)
     code = launcher.run(str(spec_file), [], gpus)
     recs = read_metrics(spec.output_dir)
