@@ -59,6 +59,7 @@ def finish(r: Any) -> int:
             import torch
             from distsft.train.model import save_merged
             save_merged(str(r.out), str(r.out / rundir.MERGED), torch.bfloat16 if r.precision == "bf16" else torch.float32)
+            r.tokenizer.save_pretrained(str(r.out / rundir.MERGED))  # with the trained chat_template.jinja
         if spec.peft.method != "none" and r.stop_ids:  # an adapter's save writes no generation_config
             from distsft.train.stops import write_generation_config
             write_generation_config(trainer.model, r.out, r.out / rundir.MERGED)
