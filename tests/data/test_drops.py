@@ -25,3 +25,15 @@ def test_lines_and_explain_name_reason_count_and_rows() -> None:
     why = drops.explain(stats)
     assert "1 of 300 examples kept" in why and "d.jsonl:1" in why and "data.max_length" in why
     assert drops.explain({"drops": {}}) == "" and drops.lines({}) == []
+
+
+def test_dropped_parts_names_system_tools_and_reasoning() -> None:
+    from types import SimpleNamespace as NS
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "yo"}]
+    tools = [{"type": "function", "function": {"name": "get_weather"}}]
+    assert drops.dropped_parts(msgs, tools, "user: hi assistant: yo", []) == ["system", "tools"]
+    assert drops.dropped_parts(msgs, tools, "Be brief. get_weather hi yo", [NS(reasoning_dropped=True)]) == ["reasoning"]
+    assert drops.dropped_parts(msgs, None, "Be brief. hi yo", [NS(reasoning_dropped=False)]) == []
+    (line,) = drops.left_out_lines({"system": 3, "tools": 0}, 4, "chat template X")
+    assert "leaves out the system message" in line and line.endswith("3 of 4 conversations")

@@ -136,11 +136,11 @@ class Reader:
                     raise SpecError(f"{self.path}:{exc.lineno}: not valid JSON ({exc.msg}, column {exc.colno})") from None
                 del text
                 return self._index_jsonl(p)
-            if isinstance(obj, dict) and obj and all(isinstance(v, list) for v in obj.values()):
-                keys = list(obj)
-                obj = [dict(zip(keys, vals)) for vals in zip(*obj.values())]  # column-oriented JSON
+            if isinstance(obj, dict):
+                obj = _object_rows(obj)
             if not isinstance(obj, list):
-                raise SpecError(f"{self.label}: expected a JSON array of records (or JSON Lines)")
+                raise SpecError(f"{self.label}: expected a JSON array of records, one JSON object (one record) "
+                                f"or JSON Lines; the file holds a JSON {type(obj).__name__}")
             self._rows = obj
         elif suffix == ".parquet":
             import pyarrow.parquet as pq
@@ -225,6 +225,19 @@ class Reader:
                 start, line = self._offsets[i]
                 end = self._offsets[i + 1][0] if i + 1 < len(self._offsets) else self._size
                 yield Chunk("jsonl", self.path, lo, k, (start, end, line))
+
+
+def _object_rows(obj: dict) -> list:
+    """A JSON object file: column-oriented records ({"text": ["a", "b"]}: equal-length lists of values
+    that are not objects), or else one record. A conversation's `messages` / `conversations` list holds
+    objects, so a one-record file is no longer cut into "records" of single messages (which then failed
+    with a message about the wrong thing)."""
+    values = list(obj.values())
+    if (values and all(isinstance(v, list) for v in values) and len({len(v) for v in values}) == 1
+            and not any(isinstance(x, dict) for v in values for x in v)):
+        keys = list(obj)
+        return [dict(zip(keys, vals)) for vals in zip(*values)]
+    return [obj]
 
 
 def _ipc(part: Any) -> bytes:
