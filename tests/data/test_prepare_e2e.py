@@ -60,7 +60,8 @@ def test_prepare_prints_figures_and_plan_reports_sources_and_eval_sets(tmp_path)
     assert plan["num_examples"] <= 610
 
     bad = h.run("prepare", spec, "data.sources=[{path: nope.parquet}]")
-    assert bad.returncode == 2 and "data.sources[0] (nope.parquet): data file not found" in bad.stderr
+    # an override's relative path resolves from the working directory (the tests run distsft in ROOT)
+    assert bad.returncode == 2 and f"data.sources[0] ({h.ROOT / 'nope.parquet'}): data file not found" in bad.stderr
     assert "Traceback" not in bad.stderr
 
 
