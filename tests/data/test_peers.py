@@ -191,3 +191,24 @@ def test_multimodal_rows_are_refused_in_every_format(tiny_tokenizer) -> None:
     (_, ok), (where, bad) = records(PEERS / "image_parts.jsonl")
     with pytest.raises(SpecError, match=r"image_parts.jsonl:2: message 0: content part 0 is 'image'"):
         Encoder(tiny_tokenizer, s.data)([(where, bad)])
+
+
+def test_a_mapped_column_the_row_lacks_is_exit_2_naming_row_and_key() -> None:
+    s = spec({"path": "x.json", "formatting": "alpaca", "columns": {"prompt": "instruction", "response": "output",
+                                                                    "system": "system_prompt"}})
+    m = mapping_for(s.data.sources[0], s.data, "data.sources[0] (x.json)")
+    (where, rec), = records(PEERS / "alpaca_demo.json")[:1]
+    with pytest.raises(SpecError) as exc:
+        m.convert(rec, where)
+    assert str(exc.value).startswith(f"{where}: no column 'system_prompt', which the description maps "
+                                     "(data.sources[0] (x.json), LLaMA-Factory alpaca)")
+
+
+def test_native_sharegpt_reads_function_calls_and_row_system_too() -> None:
+    s = spec({"path": "x.json", "format": "sharegpt"})
+    m = mapping_for(s.data.sources[0], s.data, "data.sources[0]")
+    (where, rec), = records(PEERS / "glaive_toolcall_demo.json")[:1]
+    out = m.convert({**rec, "system": "Be helpful."}, where)
+    assert out["messages"][0] == {"role": "system", "content": "Be helpful."}
+    assert out["messages"][4]["tool_calls"][0]["function"]["name"] == "search_recipes"
+    assert out["tools"][0]["function"]["name"] == "search_recipes"

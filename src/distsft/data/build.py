@@ -39,7 +39,8 @@ def _reader(d: Any, src: Any) -> Any:
     sd = _source_spec(d, src)
     mapping = peer_mapping(src)
     if mapping is not None:  # its columns are the peer's names: the mapping reads them
-        cols = [mapping.messages] if hasattr(mapping, "messages") else [mapping.prompt, mapping.response]
+        cols = ([mapping.messages] if hasattr(mapping, "messages") else [mapping.prompt, mapping.response])
+        cols += [c for c in mapping.required if c not in cols]
     else:
         renamed = {new: old for new, old in src.spec.columns.items()}
         cols = [renamed.get(c, c) for c in required_columns(sd)]

@@ -118,12 +118,14 @@ class ChatMapping:
     unused: tuple[str, ...] = ()              # columns a format could use that the mapping leaves out
     fix: str = "tags"                         # the keys that name the roles, for messages
     origin: str = ""
+    required: tuple[str, ...] = ()            # columns the description names: every row must have them
 
     def convert(self, rec: Any, where: str, warnings: set[str] | None = None) -> dict:
         if not isinstance(rec, dict):
             raise SpecError(f"{where}: expected a JSON object, got {type(rec).__name__}")
         _warn_unused(self, rec, warnings)
         refuse_multimodal(rec, where)
+        _require(self, rec, where)
         if self.messages not in rec:
             raise SpecError(f"{where}: missing column {self.messages!r} ({self.origin}); keys are {sorted(rec)}")
         turns = rec[self.messages]
@@ -183,12 +185,14 @@ class AlpacaMapping:
     join: str = "\n"
     unused: tuple[str, ...] = ()
     origin: str = ""
+    required: tuple[str, ...] = ()
 
     def convert(self, rec: Any, where: str, warnings: set[str] | None = None) -> dict:
         if not isinstance(rec, dict):
             raise SpecError(f"{where}: expected a JSON object, got {type(rec).__name__}")
         _warn_unused(self, rec, warnings)
         refuse_multimodal(rec, where)
+        _require(self, rec, where)
         for col in (self.prompt, self.response):
             if col not in rec:
                 raise SpecError(f"{where}: missing column {col!r} ({self.origin}); keys are {sorted(rec)}")
@@ -233,6 +237,13 @@ def _record(rec: dict, msgs: list[dict], tools_col: str | None, where: str) -> d
     return out
 
 
+def _require(mapping: Any, rec: dict, where: str) -> None:
+    for col in mapping.required:
+        if col not in rec:
+            raise SpecError(f"{where}: no column {col!r}, which the description maps ({mapping.origin}); keys are "
+                            f"{sorted(rec)}")
+
+
 def _warn_unused(mapping: Any, rec: dict, warnings: set[str] | None) -> None:
     if warnings is None or not mapping.unused:
         return
@@ -274,15 +285,18 @@ def _lf(src: Any, name: str) -> Mapping:
     origin = f"{name}, LLaMA-Factory {fmt}"
     optional = ("system", "tools") + (("history",) if fmt == "alpaca" else ())
     unused = tuple(c for c in optional if c not in cols)
+    named = tuple(v for k, v in (src.columns or {}).items())  # what the user mapped must exist
     if fmt == "alpaca":
         return AlpacaMapping(cols["prompt"], cols.get("query"), cols["response"], cols.get("history"),
-                             cols.get("system"), cols.get("tools"), "\n", unused, origin)
+                             cols.get("system"), cols.get("tools"), "\n", unused, origin,
+                             tuple(c for c in named if c != cols.get("query")))
     tags = {**LF_TAGS, **(src.tags or {})}
     roles = {tags["user_tag"]: "user", tags["assistant_tag"]: "assistant", tags["observation_tag"]: "tool",
              tags["function_tag"]: "function_call", tags["system_tag"]: "system"}
     return ChatMapping(cols["messages"], tags["role_tag"], tags["content_tag"], tuple(roles.items()),
                        system=cols.get("system"), tools=cols.get("tools"), unused=unused,
-                       fix="tags (user_tag, assistant_tag, observation_tag, function_tag, system_tag)", origin=origin)
+                       fix="tags (user_tag, assistant_tag, observation_tag, function_tag, system_tag)", origin=origin,
+                       required=named)
 
 
 def _axolotl(src: Any, name: str) -> Mapping:
