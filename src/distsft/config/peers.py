@@ -147,3 +147,21 @@ def _check_axolotl(src: Any) -> None:
             if n in seen and seen[n] != role:
                 raise ValueError(f"roles: {n!r} is listed under both {seen[n]} and {role}")
             seen[n] = role
+
+
+def check_columns(d: Any, name: str, src: Any) -> None:
+    """With distsft's own formats, a `columns` target the format does not read would rename a column to
+    nothing: an error, not a silent no-op (`d` is the DataSpec, for the format and column names)."""
+    if is_lf(src) or is_axolotl(src) or not src.columns:
+        return
+    fmt = src.format or d.format
+    reads = {"messages": [d.messages_column, "tools", "chat_template_kwargs"],
+             "sharegpt": [d.conversations_column, "system", "tools", "chat_template_kwargs"],
+             "instruction": [d.instruction_column, d.input_column, d.output_column, "system", "history",
+                             "chat_template_kwargs"],
+             "prompt_completion": [d.prompt_column, d.completion_column, "tools", "chat_template_kwargs"],
+             "text": [d.text_column]}[fmt]
+    for target in src.columns:
+        if target not in reads:
+            raise ValueError(f"{name}: columns.{target}: not a column data.format {fmt} reads; expected one of "
+                             f"{', '.join(reads)} (columns maps those names to the source's)")

@@ -148,28 +148,12 @@ class DataSpec(_Section):
                 if src.format is not None and src.format not in formats:
                     raise ValueError(f"data.{key}[{i}] ({src.path}): format {src.format!r} is not one of "
                                      f"{', '.join(formats)}")
-                self._check_columns(f"data.{key}[{i}] ({src.path})", src)
+                from .peers import check_columns
+                check_columns(self, f"data.{key}[{i}] ({src.path})", src)
         v = self.val_set_size
         if v is not None and not ((isinstance(v, int) and v >= 1) or (isinstance(v, float) and 0 < v < 1)):
             raise ValueError(f"data.val_set_size must be a fraction in (0, 1) or a count >= 1 (got {v!r})")
         return self
-
-    def _check_columns(self, name: str, src: SourceSpec) -> None:
-        """A `columns` target the format does not read would rename a column to nothing: exit 2."""
-        from .peers import is_axolotl, is_lf
-        if is_lf(src) or is_axolotl(src) or not src.columns:
-            return
-        fmt = src.format or self.format
-        reads = {"messages": [self.messages_column, "tools", "chat_template_kwargs"],
-                 "sharegpt": [self.conversations_column, "system", "tools", "chat_template_kwargs"],
-                 "instruction": [self.instruction_column, self.input_column, self.output_column, "system", "history",
-                                 "chat_template_kwargs"],
-                 "prompt_completion": [self.prompt_column, self.completion_column, "tools", "chat_template_kwargs"],
-                 "text": [self.text_column]}[fmt]
-        for target in src.columns:
-            if target not in reads:
-                raise ValueError(f"{name}: columns.{target}: not a column data.format {fmt} reads; expected one of "
-                                 f"{', '.join(reads)} (columns maps those names to the source's)")
 
     @property
     def has_eval(self) -> bool:
