@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 from typing import Any
 
 from distsft.data.chatdiff import content_end, diff_span
