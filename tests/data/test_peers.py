@@ -212,3 +212,15 @@ def test_native_sharegpt_reads_function_calls_and_row_system_too() -> None:
     assert out["messages"][0] == {"role": "system", "content": "Be helpful."}
     assert out["messages"][4]["tool_calls"][0]["function"]["name"] == "search_recipes"
     assert out["tools"][0]["function"]["name"] == "search_recipes"
+
+
+@pytest.mark.parametrize("template", ["qwen2.5", "qwen3", "llama-3.1", "llama-3.2", "mistral-v0.3"])
+def test_glaive_renders_on_every_tool_template_family(template, tiny_tokenizer) -> None:
+    """The shipped templates that render tools: each call is learned, each observation is context
+    (Mistral-v0.3 needs the 9-character tool call ids the conversion gives)."""
+    s = spec({"dataset_info": f"{INFO}#glaive_toolcall_demo"}, chat_template=template)
+    enc = Encoder(tiny_tokenizer, s.data, mapping_for(s.data.sources[0], s.data, "data.sources[0]"))
+    for where, rec in records(PEERS / "glaive_toolcall_demo.json")[2:3]:
+        text = loss_text(tiny_tokenizer, enc([(where, rec)]))
+        assert text.count("calculate_area") == 2 and '{"area": 15}' not in text, template
+        assert "The area is 49 square units." in text
