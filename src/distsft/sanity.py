@@ -64,7 +64,9 @@ def _subset(spec: RunSpec) -> DataSpec:
     sources = []
     for src, n in zip(mixture.train_sources(spec), sizes):
         k = n if total <= SUBSET else max(1, round(SUBSET * n / total))
-        sources.append({**src.spec.model_dump(), "fraction": None, "count": k} if k != n else src.spec.model_dump())
+        # dataset_info is already expanded into the other keys; dropped, so the subset's count stands
+        own = {key: v for key, v in src.spec.model_dump().items() if key != "dataset_info"}
+        sources.append({**own, "fraction": None, "count": k} if k != n else own)
     raw["sources"] = sources
     return DataSpec.model_validate(raw)
 

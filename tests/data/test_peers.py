@@ -224,3 +224,21 @@ def test_glaive_renders_on_every_tool_template_family(template, tiny_tokenizer) 
         text = loss_text(tiny_tokenizer, enc([(where, rec)]))
         assert text.count("calculate_area") == 2 and '{"area": 15}' not in text, template
         assert "The area is 49 square units." in text
+
+
+def test_consecutive_function_calls_are_one_parallel_call() -> None:
+    s = spec({"path": "x.json", "formatting": "sharegpt"})
+    m = mapping_for(s.data.sources[0], s.data, "data.sources[0]")
+    call = lambda city: json.dumps({"name": "weather", "arguments": json.dumps({"city": city})})  # noqa: E731
+    out = m.convert({"conversations": [
+        {"from": "human", "value": "Weather in Paris and Rome?"},
+        {"from": "function_call", "value": call("Paris")}, {"from": "function_call", "value": call("Rome")},
+        {"from": "observation", "value": "sunny"}, {"from": "observation", "value": "rainy"},
+        {"from": "gpt", "value": "Paris is sunny, Rome rainy."}]}, "x[row 0]")
+    msgs = out["messages"]
+    assert [m["role"] for m in msgs] == ["user", "assistant", "tool", "tool", "assistant"]
+    assert [c["function"]["arguments"] for c in msgs[1]["tool_calls"]] == [{"city": "Paris"}, {"city": "Rome"}]
+    assert [msgs[2]["tool_call_id"], msgs[3]["tool_call_id"]] == ["call00001", "call00002"]
+    with pytest.raises(SpecError, match=r"x\[row 1\]: turn 1 \(a function call\) is a string but not valid JSON"):
+        m.convert({"conversations": [{"from": "human", "value": "q"}, {"from": "function_call", "value": "weather()"}]},
+                  "x[row 1]")
