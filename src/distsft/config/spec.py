@@ -450,14 +450,8 @@ def load_spec(path: str | Path, overrides: list[str] | None = None,
             touched.add(("distributed", "gpus_per_node"))
     lines = line_index(text)
     spec = validate(raw, source=str(p), lines=lines, overridden=touched)
-    from .templates import check_variant
-    try:  # a bare word: a shipped name or a variant of a local tokenizer's templates
-        check_variant(spec.data.chat_template, spec.model.name_or_path)
-    except SpecError as exc:
-        key = ("data", "chat_template")
-        where = (" (from a command-line override)" if key in touched
-                 else f" ({p}, line {lines[key]})" if key in lines else "")
-        raise SpecError(f"invalid run spec:\n  {exc}{where}") from None
+    from .templates import check_spec_template
+    check_spec_template(spec, str(p), lines, touched)  # a bare name: shipped, or a local tokenizer's variant
     return spec
 
 

@@ -23,6 +23,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from distsft.errors import SpecError
 
@@ -125,6 +126,17 @@ def check_variant(value: str | None, model: str) -> None:
     if isinstance(t, list) and any(isinstance(x, dict) and x.get("name") == value for x in t):
         return
     raise SpecError(expected(value))
+
+
+def check_spec_template(spec: Any, source: str, lines: dict, touched: set) -> None:
+    """check_variant for a loaded spec, the error naming the key's YAML line (or the override)."""
+    try:
+        check_variant(spec.data.chat_template, spec.model.name_or_path)
+    except SpecError as exc:
+        key = ("data", "chat_template")
+        where = (" (from a command-line override)" if key in touched
+                 else f" ({source}, line {lines[key]})" if key in lines else "")
+        raise SpecError(f"invalid run spec:\n  {exc}{where}") from None
 
 
 def resolve_text(value: str) -> Template | None:
