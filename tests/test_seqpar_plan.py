@@ -94,7 +94,11 @@ def test_render_writes_the_parallelism_config(tmp_path):
     assert acc["parallelism_config"]["parallelism_config_sp_size"] == 2
     assert acc["parallelism_config"]["parallelism_config_sp_backend"] == "deepspeed"
     ds = json.loads((tmp_path / "rd" / "deepspeed.json").read_text())
-    assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 2
+    # 8 = micro 2 x accum 2 x (4 GPUs / 2). HF's consistency check would count every GPU of a group as a
+    # replica (world x micro x accum), so train_batch_size is left to accelerate, which sets it to
+    # micro x accum x data-parallel degree before DeepSpeed starts.
+    assert ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 2 == 8
+    assert "train_batch_size" not in ds
     run = yaml.safe_load((tmp_path / "rd" / "run.yaml").read_text())
     assert run["distributed"]["sequence_parallel_size"] == 2
 

@@ -172,6 +172,34 @@ def group_micro_batches(step_blocks: Callable[[int], list[list[int]]], accum: in
         yield step_blocks(step)[m]
 
 
+class GroupBatchSampler:
+    """The batch sampler of one rank of a sequence-parallel group (see `group_micro_batches`): the
+    data-parallel split of `data.sampler` over the groups, then the group's micro-batches dealt out to
+    its ranks in the order the Ulysses adapter takes them back. The start step is read when iteration
+    begins (after a resume has restored it), as `data.sampler.StepBatchSampler` does."""
+
+    def __init__(self, order: Any, micro: int, accum: int, layout: Layout, total_steps: int,
+                 start_step: Callable[[], int]):
+        self.order, self.micro, self.accum, self.layout = order, micro, accum, layout
+        self.total_steps, self.start_step = total_steps, start_step
+
+    def __len__(self) -> int:
+        return -(-self.total_steps * self.accum // self.layout.sp_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        from ..data.sampler import split_step
+        cached: dict[int, list[list[int]]] = {}
+
+        def blocks(step: int) -> list[list[int]]:
+            if step not in cached:
+                cached.clear()
+                cached[step] = split_step(self.order.step_rows(step), self.micro, self.accum,
+                                          self.layout.dp_size, self.layout.dp_rank)
+            return cached[step]
+
+        yield from group_micro_batches(blocks, self.accum, self.layout, self.start_step(), self.total_steps)
+
+
 def strip_for_ulysses(batch: dict[str, Any]) -> dict[str, Any]:
     """A collated batch as the Ulysses adapter can shard it: [B, L] tensors only (the isolation comes
     from position_ids, rebuilt in the attention)."""
@@ -203,6 +231,22 @@ def fill_rows(rows: list[int], micro: int) -> tuple[list[int], int]:
     real = len(rows)
     base = rows or [0]
     return (base + [base[0]] * (micro - real))[:max(micro, real)], real
+
+
+def eval_batches(ds: Any, collate: Callable[[list[dict[str, Any]]], dict[str, Any]], micro: int,
+                 layout: Layout) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
+    """This rank's eval batches under sequence parallelism: the rows of its data-parallel group (every
+    rank of the group the same rows, so the same shapes), filled to `micro` rows with weightless copies,
+    each sharded along the sequence like a training batch. Yields (model inputs, shifted labels)."""
+    from ..data.sampler import eval_shards
+    for rows in eval_shards(len(ds), micro, layout.dp_size, layout.dp_rank):
+        filled, real = fill_rows(rows, micro)
+        batch = collate([ds[i] for i in filled])
+        for k in ("num_real_tokens", "batch_checksum"):
+            batch.pop(k, None)
+        labels = batch.pop("labels").clone()
+        labels[real:] = -100
+        yield shard_rows(batch, labels, layout)
 
 
 # ------------------------------------------------------------------ loss
@@ -240,6 +284,14 @@ def scaled_group_loss(local_sum: torch.Tensor, step_tokens: torch.Tensor, group:
     import torch.distributed.nn.functional as dist_nn
     group_sum = torch.stack(dist_nn.all_gather(local_sum, group=group)).sum()
     return group_sum * dp_size / step_tokens.to(group_sum.dtype).clamp(min=1)
+
+
+def train_loss(model: Any, inputs: dict[str, Any], step_tokens: torch.Tensor,
+               layout: Layout) -> tuple[torch.Tensor, float, int]:
+    """One micro-batch shard: (the loss to back-propagate, this shard's summed token loss, its tokens)."""
+    local_sum, count = shard_token_loss(model, inputs)
+    loss = scaled_group_loss(local_sum, step_tokens, sp_group(), layout.dp_size)
+    return loss, float(local_sum.detach()), count
 
 
 def sp_group() -> Any:
