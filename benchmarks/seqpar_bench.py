@@ -13,8 +13,8 @@ Memory is the rise of the rank's peak RSS (VmHWM) over its level after loading t
 a short warm-up step: the activation (and gradient) memory of the step. tokens/s counts the tokens the
 pair trains per second of the measured step (sp=1: 2 x length; sp=2: length).
 
-    python benchmarks/seqpar_bench.py                      # the table at 4k..16k tokens
-    python benchmarks/seqpar_bench.py --lengths 2048 4096 --budget-gb 1.0 --search
+    python benchmarks/seqpar_bench.py --lengths 2048 4096 8192 16384        # the table
+    python benchmarks/seqpar_bench.py --lengths 2048 --budget-gb 1.0 --search  # + the longest that fits
 """
 
 from __future__ import annotations
@@ -143,14 +143,17 @@ def measure(sp: int, length: int, mode: str = "mask") -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
     ap.add_argument("--budget-gb", type=float, default=None,
                     help="with --search: the activation budget per rank that decides 'fits'")
-    ap.add_argument("--search", action="store_true", help="double the length from the last one until "
-                    "the budget is exceeded, for sp=1 and sp=2")
+    ap.add_argument("--search", action="store_true", help="per layout, double the length from the first "
+                    "one until the budget is exceeded")
+    ap.add_argument("--mask-up-to", type=int, default=4096,
+                    help="measure the 4-D mask layout (O(L^2) memory) only up to this length in the table")
     args = ap.parse_args()
     layouts = [(1, "mask"), (1, "examples"), (2, "examples")]
-    rows = [measure(sp, n, mode) for n in args.lengths for sp, mode in layouts]
+    rows = [measure(sp, n, mode) for n in args.lengths for sp, mode in layouts
+            if mode != "mask" or n <= args.mask_up_to]
     print(f"{'length':>8} {'layout':<28} {'act GiB/rank':>13} {'step s':>8} {'tokens/s':>9} {'vs sp=1 per-ex':>15}")
     by = {(r["sp"], r["mode"], r["length"]): r for r in rows}
     for r in rows:
@@ -163,16 +166,16 @@ def main() -> None:
         print(f"{r['length']:>8} {name:<28} {r['act_gb']:>13.3f} {r['seconds']:>8.2f} "
               f"{r['tokens_per_s']:>9,.0f} {ratio:>15}")
     if args.search and args.budget_gb:
-        for sp in (1, 2):
-            n, best = args.lengths[-1], None
+        for sp, mode in layouts:
+            n, best = args.lengths[0], None
             while True:
-                r = measure(sp, n, "mask" if sp == 1 else "examples")
-                print(f"  search sp={sp} length={n}: "
+                r = measure(sp, n, mode)
+                print(f"  search {LAYOUT_NAMES[(sp, mode)]}, length {n}: "
                       + (f"{r['act_gb']:.3f} GiB" if "act_gb" in r else r.get("error", "")), flush=True)
                 if "act_gb" not in r or r["act_gb"] > args.budget_gb:
                     break
                 best, n = n, n * 2
-            print(f"longest length within {args.budget_gb} GiB/rank at sp={sp}: {best}")
+            print(f"longest length within {args.budget_gb} GiB/rank, {LAYOUT_NAMES[(sp, mode)]}: {best}")
 
 
 if __name__ == "__main__":
