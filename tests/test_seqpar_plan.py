@@ -114,3 +114,31 @@ def test_rules_units():
     assert rules.position_warning(2048, 1024, None)
     assert rules.position_warning(2048, 1024, {"rope_type": "yarn", "factor": 2.0}) is None
     assert "factor" in rules.position_warning(4096, 1024, {"rope_type": "yarn", "factor": 2.0})
+
+
+def test_sp_reference_files_describe_the_planned_global_batch():
+    """accelerate_configs/zero3_sp.yaml (kept equal to the rendering by test_render): accelerate's
+    ParallelismConfig from its variables, and the global batch accelerate gives DeepSpeed, micro x accum
+    x data-parallel degree, is the plan's."""
+    from distsft.config.spec import load_spec
+    from distsft.plan.batch import batch_for
+    acc = yaml.safe_load((h.ROOT / "accelerate_configs" / "zero3_sp.yaml").read_text())
+    ds = json.loads((h.ROOT / acc["deepspeed_config"]["deepspeed_config_file"]).read_text())
+    pc = acc["parallelism_config"]
+    spec = load_spec(h.ROOT / "examples" / "configs" / "zero3_sp.yaml")
+    assert pc["parallelism_config_sp_size"] == spec.distributed.sequence_parallel_size == 4
+    dp = acc["num_processes"] // pc["parallelism_config_sp_size"]
+    assert ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * dp \
+        == batch_for(spec).global_batch_size == 128
+    from accelerate.parallelism_config import ParallelismConfig
+    import os
+    env = {"PARALLELISM_CONFIG_SP_SIZE": "4", "PARALLELISM_CONFIG_SP_BACKEND": "deepspeed",
+           "PARALLELISM_CONFIG_SP_ATTN_IMPLEMENTATION": "flash_attention_2"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        made = ParallelismConfig()
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    assert made.sp_size == 4 and made.sp_backend == "deepspeed" and made.sp_handler is not None

@@ -118,3 +118,28 @@ def position_warning(max_length: int, max_positions: int | None, rope: dict[str,
             "(max_position_embeddings) and no RoPE scaling is set: positions beyond it were never trained. Set "
             f"model.rope_parameters, e.g. {{rope_type: yarn, factor: {math.ceil(max_length / max_positions)}, "
             f"original_max_position_embeddings: {max_positions}}}")
+
+
+def model_limits(name_or_path: str, trust_remote_code: bool = False) -> dict[str, Any] | None:
+    """The model config's attention heads, key/value heads, position range and RoPE parameters, read
+    without the hub (None when the config is not readable here: the ranks' libraries check then)."""
+    try:
+        from transformers import AutoConfig
+        cfg = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, local_files_only=True)
+        text = cfg.get_text_config()
+    except Exception:  # noqa: BLE001 - an unreadable config only skips these checks
+        return None
+    heads = getattr(text, "num_attention_heads", None)
+    return {"heads": heads, "kv_heads": getattr(text, "num_key_value_heads", None) or heads,
+            "max_positions": getattr(text, "max_position_embeddings", None),
+            "rope": getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None)}
+
+
+def plan_checks(spec: Any, world_size: int, limits: dict[str, Any] | None) -> tuple[list[str], list[str]]:
+    """(errors, warnings) of the layout and the sequence length against the model, for `plan`."""
+    S = spec.distributed.sequence_parallel_size
+    limits = limits or {}
+    errors = layout_errors(S, world_size, limits.get("heads"), limits.get("kv_heads"))
+    rope = spec.model.rope_parameters or limits.get("rope")
+    warning = position_warning(spec.data.max_length, limits.get("max_positions"), rope)
+    return errors, [warning] if warning else []
