@@ -116,7 +116,7 @@ def test_rules_units():
     assert "factor" in rules.position_warning(4096, 1024, {"rope_type": "yarn", "factor": 2.0})
 
 
-def test_sp_reference_files_describe_the_planned_global_batch():
+def test_sp_reference_files_describe_the_planned_global_batch(monkeypatch):
     """accelerate_configs/zero3_sp.yaml (kept equal to the rendering by test_render): accelerate's
     ParallelismConfig from its variables, and the global batch accelerate gives DeepSpeed, micro x accum
     x data-parallel degree, is the plan's."""
@@ -131,14 +131,7 @@ def test_sp_reference_files_describe_the_planned_global_batch():
     assert ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * dp \
         == batch_for(spec).global_batch_size == 128
     from accelerate.parallelism_config import ParallelismConfig
-    import os
-    env = {"PARALLELISM_CONFIG_SP_SIZE": "4", "PARALLELISM_CONFIG_SP_BACKEND": "deepspeed",
-           "PARALLELISM_CONFIG_SP_ATTN_IMPLEMENTATION": "flash_attention_2"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        made = ParallelismConfig()
-    finally:
-        for k, v in old.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    for key, value in pc.items():  # what `accelerate launch` exports from the file
+        monkeypatch.setenv(key.upper(), str(value))
+    made = ParallelismConfig()
     assert made.sp_size == 4 and made.sp_backend == "deepspeed" and made.sp_handler is not None

@@ -76,6 +76,18 @@ def layout_errors(sp_size: int, world_size: int, heads: int | None = None,
     return out
 
 
+def machine_errors(spec: Any, cuda: bool) -> list[str]:
+    """What this machine cannot run (checked by the launcher and again by every rank)."""
+    S, out = spec.distributed.sequence_parallel_size, []
+    if S > 1 and spec.distributed.backend == "fsdp" and not cuda:
+        out.append(f"{KEY}={S} with distributed.backend: fsdp needs CUDA GPUs: torch's ring attention has no "
+                   "CPU kernel. On this machine use distributed.backend: deepspeed (Ulysses runs on CPU over gloo)")
+    if spec.train.activation_offloading and not cuda:
+        out.append("train.activation_offloading: true needs a GPU (it moves activations from GPU to CPU memory; "
+                   "TRL's offloading has no CPU device to offload from); set it to false here")
+    return out
+
+
 def divisors(n: int) -> list[int]:
     return [k for k in range(1, n + 1) if n % k == 0]
 

@@ -149,6 +149,7 @@ def parallelism_config(sp_size: int, attn: str) -> Any:
     launch` (SLURM, torchrun) get it too. Variable lengths: each micro-batch is as long as its rows."""
     from accelerate.parallelism_config import ParallelismConfig
     from accelerate.utils import DeepSpeedSequenceParallelConfig
+    install()
     handler = DeepSpeedSequenceParallelConfig(sp_seq_length_is_variable=True, sp_attn_implementation=attn)
     return ParallelismConfig(sp_size=sp_size, sp_backend="deepspeed", sp_handler=handler)
 
