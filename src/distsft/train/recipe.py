@@ -289,16 +289,19 @@ def build_trainer(r: Rank) -> None:
 
 
 def _collator(r: Rank) -> tuple[Any, Any]:
-    """The packed collator, and what is done to its batches. Under sequence parallelism rows are padded
-    to a multiple of the group size (each rank takes an equal shard; padding carries no loss), and only
-    [B, L] tensors go to DeepSpeed's Ulysses adapter: the examples are kept apart in the attention from
-    the gathered position_ids (train.seqpar), so the collator's mask/varlen layout is not used."""
+    """The packed collator, and what is done to its batches. Under sequence parallelism every row is
+    padded to max_length rounded up to a multiple of the group size: each rank takes an equal shard, and
+    DeepSpeed's Ulysses adapter all-gathers the group's batches, which gloo accepts only at one shape
+    (the padding carries no loss). Only [B, L] tensors go to the adapter: the examples are kept apart in
+    the attention from the gathered position_ids (train.seqpar), not by the collator's mask."""
     from distsft.data.collate import PackedCollator
     S = r.batch.sequence_parallel_size
     if S == 1:
         return PackedCollator(r.tokenizer.pad_token_id, r.attn), lambda batch: batch
+    from distsft.config.seqpar import padded_length
     from distsft.train.seqpar import strip_for_ulysses
-    return PackedCollator(r.tokenizer.pad_token_id, "sdpa", pad_to_multiple_of=S), strip_for_ulysses
+    width = padded_length(r.spec.data.max_length, S)
+    return PackedCollator(r.tokenizer.pad_token_id, "sdpa", pad_to_multiple_of=width), strip_for_ulysses
 
 
 def main(argv: list[str] | None = None) -> None:

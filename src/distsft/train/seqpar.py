@@ -276,14 +276,34 @@ def shard_token_loss(model: Any, inputs: dict[str, Any]) -> tuple[torch.Tensor, 
     return loss, int((shift != -100).sum())
 
 
+class _GroupSum(torch.autograd.Function):
+    """Sum over the group, differentiably: every rank's output depends on every rank's input with weight
+    1, so each input's gradient is the sum of the outputs' gradients (an all-reduce both ways; what
+    torch.distributed.nn's all_gather + sum computes, without its deprecation warning per micro-step)."""
+
+    @staticmethod
+    def forward(ctx: Any, value: torch.Tensor, group: Any) -> torch.Tensor:
+        import torch.distributed as tdist
+        ctx.group = group
+        out = value.detach().clone()
+        tdist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        import torch.distributed as tdist
+        grad = grad.contiguous().clone()
+        tdist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
 def scaled_group_loss(local_sum: torch.Tensor, step_tokens: torch.Tensor, group: Any, dp_size: int) -> torch.Tensor:
     """The loss each rank back-propagates so that the optimizer sees d(sum of all token losses of the
     global batch) / (its loss tokens), like the data-parallel run. The group's shards are summed with a
     differentiable all-gather (its backward sums the S ranks' gradients into each shard); DeepSpeed then
     averages gradients over all world ranks (dp_size x S): hence x dp_size. Accumulation is not divided
     out again (the trainer is told the loss is already scaled for it)."""
-    import torch.distributed.nn.functional as dist_nn
-    group_sum = torch.stack(dist_nn.all_gather(local_sum, group=group)).sum()
+    group_sum = _GroupSum.apply(local_sum, group)
     return group_sum * dp_size / step_tokens.to(group_sum.dtype).clamp(min=1)
 
 
