@@ -67,13 +67,12 @@ def _steps(out: Path) -> dict[int, dict]:
 
 
 def _data(out: Path, split: str):
-    from distsft import data
     from distsft.config.spec import load_spec
-    from distsft.data.cache import default_cache_root
-    from distsft.train import model as model_lib
+    from distsft.data.build import load_or_build
+    from distsft.data.split import cache_root
+    from distsft.train.tokens import load_tokenizer
     spec = load_spec(out / "run.yaml")
-    tok = model_lib.load_tokenizer(spec)
-    ds, stats = data.prepare(spec, tok, split, default_cache_root(spec))
+    ds, stats = load_or_build(spec, load_tokenizer(spec), split, cache_root(spec))
     return spec, ds, stats
 
 
