@@ -135,3 +135,13 @@ def test_sp_reference_files_describe_the_planned_global_batch(monkeypatch):
         monkeypatch.setenv(key.upper(), str(value))
     made = ParallelismConfig()
     assert made.sp_size == 4 and made.sp_backend == "deepspeed" and made.sp_handler is not None
+
+
+def test_ring_attention_on_this_cpu_machine_stops_before_any_rank(tmp_path):
+    """FSDP2's ring attention has no CPU kernel: `distsft run` says so and what works here (exit 2)."""
+    from distsft.runtime.hardware import cuda_info
+    if cuda_info()[0]:
+        pytest.skip("a CUDA machine runs it")
+    spec = h.write_spec(tmp_path / "spec.yaml", tmp_path / "out", "distributed:\n  backend: fsdp\n")
+    p = h.run("run", spec, "--gpus", "2", "distributed.sequence_parallel_size=2", "data.packing=false")
+    _one_error(p, "sequence_parallel_size=2", "CUDA", "backend: deepspeed")
