@@ -117,15 +117,18 @@ def rope_factor(rope: dict[str, Any] | None) -> float:
 
 def position_warning(max_length: int, max_positions: int | None, rope: dict[str, Any] | None) -> str | None:
     """`plan`'s warning when the rows are longer than the positions the model was trained for and no
-    RoPE scaling stretches them (a scaled model is checked against max positions x factor)."""
+    RoPE scaling stretches them. `rope` is the spec's override (model.rope_parameters): it reaches its
+    original_max_position_embeddings (else the model's) x factor. A model whose own config is already
+    scaled declares its reach in max_position_embeddings."""
     if not max_positions:
         return None
-    reach = math.floor(max_positions * rope_factor(rope))
+    base = int((rope or {}).get("original_max_position_embeddings") or max_positions)
+    reach = max(max_positions, math.floor(base * rope_factor(rope)))
     if max_length <= reach:
         return None
     if rope_scaled(rope):
-        return (f"data.max_length={max_length} exceeds the {max_positions} positions of the model x RoPE factor "
-                f"{rope_factor(rope):g} = {reach}; raise model.rope_parameters.factor")
+        return (f"data.max_length={max_length} exceeds the {base} positions x RoPE factor {rope_factor(rope):g} "
+                f"= {reach} of model.rope_parameters; raise its factor")
     return (f"data.max_length={max_length} exceeds the model's {max_positions} positions "
             "(max_position_embeddings) and no RoPE scaling is set: positions beyond it were never trained. Set "
             f"model.rope_parameters, e.g. {{rope_type: yarn, factor: {math.ceil(max_length / max_positions)}, "
@@ -133,7 +136,7 @@ def position_warning(max_length: int, max_positions: int | None, rope: dict[str,
 
 
 def model_limits(name_or_path: str, trust_remote_code: bool = False) -> dict[str, Any] | None:
-    """The model config's attention heads, key/value heads, position range and RoPE parameters, read
+    """The model config's attention heads, key/value heads and position range, read
     without the hub (None when the config is not readable here: the ranks' libraries check then)."""
     try:
         from transformers import AutoConfig
@@ -143,8 +146,7 @@ def model_limits(name_or_path: str, trust_remote_code: bool = False) -> dict[str
         return None
     heads = getattr(text, "num_attention_heads", None)
     return {"heads": heads, "kv_heads": getattr(text, "num_key_value_heads", None) or heads,
-            "max_positions": getattr(text, "max_position_embeddings", None),
-            "rope": getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None)}
+            "max_positions": getattr(text, "max_position_embeddings", None)}
 
 
 def plan_checks(spec: Any, world_size: int, limits: dict[str, Any] | None) -> tuple[list[str], list[str]]:
@@ -152,6 +154,5 @@ def plan_checks(spec: Any, world_size: int, limits: dict[str, Any] | None) -> tu
     S = spec.distributed.sequence_parallel_size
     limits = limits or {}
     errors = layout_errors(S, world_size, limits.get("heads"), limits.get("kv_heads"))
-    rope = spec.model.rope_parameters or limits.get("rope")
-    warning = position_warning(spec.data.max_length, limits.get("max_positions"), rope)
+    warning = position_warning(spec.data.max_length, limits.get("max_positions"), spec.model.rope_parameters)
     return errors, [warning] if warning else []
