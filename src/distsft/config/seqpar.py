@@ -154,5 +154,10 @@ def plan_checks(spec: Any, world_size: int, limits: dict[str, Any] | None) -> tu
     S = spec.distributed.sequence_parallel_size
     limits = limits or {}
     errors = layout_errors(S, world_size, limits.get("heads"), limits.get("kv_heads"))
-    warning = position_warning(spec.data.max_length, limits.get("max_positions"), spec.model.rope_parameters)
-    return errors, [warning] if warning else []
+    warnings = [w for w in [position_warning(spec.data.max_length, limits.get("max_positions"),
+                                             spec.model.rope_parameters)] if w]
+    d = spec.distributed
+    if S > 1 and d.nodes > 1 and world_size % d.nodes == 0 and (world_size // d.nodes) % S:
+        warnings.append(f"{KEY}={S} does not divide the {world_size // d.nodes} GPUs of a node: some groups span "
+                        "two nodes, and their all-to-all (two per layer) crosses the network")
+    return errors, warnings
