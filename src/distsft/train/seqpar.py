@@ -18,7 +18,8 @@ What the libraries do (accelerate 1.15, transformers 5.24, DeepSpeed 0.19.8), an
   and hands the group's ranks one sequence shard of each, in rank order: rank j's k-th loader batch is
   the group's micro-batch k*S + j. It replaces `labels` by pre-shifted `shift_labels`, shards every
   tensor along dim 1 (so no 4-D mask may travel: the collator leaves it out) and needs the length to
-  divide by S (the collator pads to a multiple of S; padding carries label -100).
+  divide by S; over gloo its all-gather also needs one shape for the whole group, so the collator pads
+  every row to max_length rounded up to a multiple of S (padding carries label -100).
   -> `group_micro_batches` yields exactly the rows that keep the global sample order of the data-parallel
   run: optimizer step s takes rows order[s*G:(s+1)*G] whatever the layout.
 * HF's `deepspeed_sp_compute_loss` weights each micro-batch by its own token count; accumulation and DP
