@@ -285,7 +285,15 @@ def build_trainer(r: Rank) -> None:
         r.trainer.remove_callback(cb)
     dist.print0(f"data: {stats['num_examples']} examples, {stats['num_tokens']} tokens in {stats['num_rows']} rows "
                 f"(packing efficiency {stats['packing_efficiency']:.1%}); {r.steps_per_epoch} steps/epoch, "
-                f"{r.total_steps} steps" + (f"; resuming from {r.resume.name}" if r.resume else ""))
+                f"{r.total_steps} steps" + (f"; resuming from {r.resume.name}" if r.resume else "") + _layout_change(r))
+
+
+def _layout_change(r: Rank) -> str:
+    """The resume guard lets the sequence-parallel layout change (same global batch, same samples);
+    say so where the resume is announced (run_record.jsonl records it too)."""
+    was = getattr(r.marker, "sequence_parallel_size", None) if r.marker else None
+    now = r.batch.sequence_parallel_size
+    return f" (written at sequence_parallel_size {was}, continuing at {now})" if was and was != now else ""
 
 
 def _collator(r: Rank) -> tuple[Any, Any]:
