@@ -103,7 +103,8 @@ def isolating(core: Callable[..., Any], name: str) -> Callable[..., Any]:
         if name in FLASH and batch == 1:
             return core(module, query, key, value, None, *args, **kwargs)  # varlen from position_ids
         pos = pos.expand(batch, -1) if pos.shape[0] == 1 else pos
-        window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+        # The layer's own window (transformers passes it per layer; None on full-attention layers).
+        window = kwargs["sliding_window"] if "sliding_window" in kwargs else getattr(module, "sliding_window", None)
         rows = []
         for b in range(batch):
             pieces = []
@@ -222,8 +223,8 @@ def shard_rows(batch: dict[str, Any], labels: torch.Tensor, layout: Layout) -> t
     chunk = width // S
     shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
     part = slice(j * chunk, (j + 1) * chunk)
-    out = {k: (v[:, part] if torch.is_tensor(v) and v.dim() >= 2 and v.shape[1] == width else v)
-           for k, v in strip_for_ulysses(dict(batch)).items()}
+    out = {k: v[:, part] for k, v in strip_for_ulysses(dict(batch)).items()
+           if torch.is_tensor(v) and v.dim() >= 2 and v.shape[1] == width}
     return out, shifted[:, part].contiguous()
 
 
@@ -270,7 +271,7 @@ def shard_token_loss(model: Any, inputs: dict[str, Any]) -> tuple[torch.Tensor, 
     pre-shifted labels pair every position of the shard with its next token, across shard borders."""
     shift = inputs.pop("shift_labels")
     inputs.pop("labels", None)
-    logits = model(**inputs, use_cache=False).logits
+    logits = model(**{**inputs, "use_cache": False}).logits
     loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
                                              shift.reshape(-1).to(logits.device), ignore_index=-100,
                                              reduction="sum")
