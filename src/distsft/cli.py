@@ -125,7 +125,14 @@ def _print_plan(spec: Any, p: Any, mem: dict[str, Any] | None, why: str | None, 
          + (" + offload optimizer" if spec.distributed.offload_optimizer else "")
          + (" + offload params" if spec.distributed.offload_params else "")),
         ("global batch", f"{p.global_batch_size} = {p.per_device_train_batch_size} (micro) × "
-                         f"{p.gradient_accumulation_steps} (accum) × {p.world_size} (GPUs)"),
+                         f"{p.gradient_accumulation_steps} (accum) × "
+                         + (f"{p.world_size} (GPUs)" if p.sequence_parallel_size == 1 else
+                            f"{p.data_parallel_size} (data-parallel groups = {p.world_size} GPUs / "
+                            f"{p.sequence_parallel_size})")),
+        *([("sequence parallel", f"{p.sequence_parallel_size} GPUs per sequence, {p.data_parallel_size} data "
+                                 f"parallel; {p.tokens_per_gpu_per_micro_batch:,} tokens per GPU per micro-batch, "
+                                 f"activations ÷ {p.sequence_parallel_size} across the group")]
+          if p.sequence_parallel_size > 1 else []),
         ("learning rate", f"{p.learning_rate:g} ({spec.train.lr_scheduler_type}{final_lr_note(spec.train)}, "
                           f"warmup {spec.train.warmup_ratio})"),
         ("optimizer", f"{spec.train.optim} (betas {spec.train.adam_beta1:g}, {spec.train.adam_beta2:g}; "

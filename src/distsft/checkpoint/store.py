@@ -80,6 +80,8 @@ class Marker:
     data_key: str | None = None  # the training data's cache key (files, tokenizer, template, settings)
     max_length: int | None = None
     packing: bool | None = None
+    # the layout that wrote it; a resume may change it (the same global batch and sample order hold)
+    sequence_parallel_size: int | None = None
     time: float | None = None
     version: int = MARKER_VERSION
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from distsft.errors import SpecError
 from distsft.config.schedules import SCHEDULERS  # HF scheduler names; their spec-derived kwargs live there too
@@ -34,6 +34,10 @@ class ModelSpec(_Section):
     # embeddings are resized, the new rows start at the mean of the old ones, and they train (LoRA too).
     add_special_tokens: list[str] = Field(default_factory=list)
     use_liger_kernel: bool = False  # Liger's fused Triton kernels (CUDA only), applied by TRL/HF
+    # RoPE scaling (e.g. {rope_type: yarn, factor: 4, original_max_position_embeddings: 32768}), merged
+    # over the config's own rope_parameters; `rope_scaling` is the older transformers name.
+    rope_parameters: dict[str, Any] | None = Field(
+        None, validation_alias=AliasChoices("rope_parameters", "rope_scaling"))
 
     @field_validator("add_special_tokens", mode="before")
     @classmethod
@@ -205,6 +209,7 @@ class TrainSpec(_Section):
     min_lr_ratio: float | None = Field(None, ge=0.0, le=1.0)
     decay_ratio: float | None = Field(None, gt=0.0, le=1.0)  # warmup_stable_decay: share of steps decaying
     torch_compile: bool = False
+    activation_offloading: bool = False  # TRL's: activations to CPU memory during forward (GPU only)
 
     @field_validator("optim")
     @classmethod
@@ -251,6 +256,8 @@ class DistributedSpec(_Section):
     main_process_port: int | None = Field(None, ge=1024, le=65535)
     # The process group's timeout for collectives (DDP and DeepSpeed); data builds never run inside one.
     timeout_minutes: int = Field(30, ge=1)
+    # GPUs that share one sequence (Ulysses under deepspeed, ring attention under fsdp; config.seqpar).
+    sequence_parallel_size: int = Field(1, ge=1)
 
     @model_validator(mode="after")
     def _check(self) -> "DistributedSpec":
@@ -400,6 +407,9 @@ class RunSpec(_Section):
                                  f"({self.checkpoint.save_steps}) to be a multiple of train.eval_steps "
                                  f"({self.train.eval_steps}), so every saved checkpoint has an eval loss")
         _check_options(self)
+        from distsft.config.seqpar import spec_errors
+        for error in spec_errors(self)[:1]:
+            raise ValueError(error)
         if self.logging.generation_steps and not self.logging.generation_prompts:
             raise ValueError("logging.generation_steps needs logging.generation_prompts")
         return self

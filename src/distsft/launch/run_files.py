@@ -48,6 +48,8 @@ REFERENCE_CASES: dict[str, dict[str, Any]] = {
     "fsdp_offload": {"fsdp_layers": ["LlamaDecoderLayer"]},
     # Rendered for the first node; on a cluster the launch passes --machine_rank/--main_process_ip.
     "two_node": {"machine_rank": 0, "main_process_ip": "node-001"},
+    # Long context: Ulysses sequence parallelism over groups of 4 GPUs under ZeRO-3.
+    "zero3_sp": {},
 }
 
 
@@ -106,7 +108,24 @@ def render_accelerate(spec: RunSpec, batch: Batch, precision: str, *, cuda: bool
     if d.backend == "fsdp":
         from distsft.train.fsdp import accelerate_fsdp_config
         cfg["fsdp_config"] = accelerate_fsdp_config(spec, fsdp_layers)
+    if d.sequence_parallel_size > 1:
+        cfg["parallelism_config"] = parallelism_section(spec, batch)
     return cfg
+
+
+def parallelism_section(spec: RunSpec, batch: Batch) -> dict[str, Any]:
+    """accelerate's `parallelism_config` for `distributed.sequence_parallel_size` (accelerate turns it into
+    PARALLELISM_CONFIG_* variables). The ranks also pass the same ParallelismConfig to TrainingArguments
+    (train.seqpar), which wins over the variables, so ranks started without this file (SLURM, torchrun)
+    run the same layout. Ulysses under DeepSpeed; FSDP2's ring attention (cp) otherwise."""
+    S, prefix = spec.distributed.sequence_parallel_size, "parallelism_config_"
+    if spec.distributed.backend == "deepspeed":
+        out = {"sp_size": S, "sp_backend": "deepspeed", "sp_seq_length_is_variable": True}
+        if spec.model.attn_implementation != "auto":  # auto is resolved on the ranks' machine
+            out["sp_attn_implementation"] = spec.model.attn_implementation
+    else:
+        out = {"dp_shard_size": batch.data_parallel_size, "cp_size": S, "cp_backend": "torch"}
+    return {prefix + k: v for k, v in out.items()}
 
 
 def launch_env(spec: RunSpec, cuda: bool) -> dict[str, str]:

@@ -1,7 +1,8 @@
 """Batch arithmetic, steps and warmup: pure functions of the spec and the world size.
 
-The one rule: global batch = per_device_train_batch_size × gradient_accumulation_steps × world_size,
-exactly. When the user gives `global_batch_size`, accumulation is derived from the world size — so the
+The one rule: global batch = per_device_train_batch_size × gradient_accumulation_steps × data-parallel
+degree, exactly, where the data-parallel degree is world_size / distributed.sequence_parallel_size (the
+GPUs of a sequence-parallel group share each micro-batch). When the user gives `global_batch_size`, accumulation is derived from the world size — so the
 same spec keeps its global batch on any GPU count, or fails before anything starts.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from distsft.config.seqpar import layout_errors
 from distsft.config.spec import RunSpec
 from distsft.errors import SpecError
 
@@ -20,6 +22,11 @@ class Batch:
     per_device_train_batch_size: int
     gradient_accumulation_steps: int
     global_batch_size: int
+    sequence_parallel_size: int = 1
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self.world_size // self.sequence_parallel_size
 
 
 def valid_global_batches(micro: int, world: int, near: int, count: int = 2) -> list[int]:
@@ -32,29 +39,36 @@ def valid_global_batches(micro: int, world: int, near: int, count: int = 2) -> l
     return out
 
 
-def resolve_batch(micro: int, world: int, accum: int | None = None, global_batch: int | None = None) -> Batch:
+def resolve_batch(micro: int, world: int, accum: int | None = None, global_batch: int | None = None,
+                  sp: int = 1) -> Batch:
     if world < 1 or micro < 1:
         raise SpecError(f"world size {world} and per_device_train_batch_size {micro} must be >= 1")
     if accum is not None and global_batch is not None:
         raise SpecError("set at most one of train.gradient_accumulation_steps and train.global_batch_size")
+    for error in layout_errors(sp, world):
+        raise SpecError(error)
+    dp = world // sp
     if global_batch is None:
         accum = accum or 1
-        return Batch(world, micro, accum, micro * accum * world)
-    unit = micro * world
+        return Batch(world, micro, accum, micro * accum * dp, sp)
+    unit = micro * dp
     if global_batch % unit:
-        near = ", ".join(str(b) for b in valid_global_batches(micro, world, global_batch))
+        near = ", ".join(str(b) for b in valid_global_batches(micro, dp, global_batch))
+        replicas = f"world size ({world} GPUs)" if sp == 1 else \
+            f"data-parallel degree ({world} GPUs / sequence_parallel_size {sp})"
         raise SpecError(
             f"train.global_batch_size={global_batch} is not divisible by "
-            f"train.per_device_train_batch_size ({micro}) × world size ({world} GPUs) = {unit}, "
+            f"train.per_device_train_batch_size ({micro}) × {replicas} = {unit}, "
             f"so train.gradient_accumulation_steps cannot be derived; nearest valid global batch "
             f"sizes: {near} (or change per_device_train_batch_size / the GPU count)")
-    return Batch(world, micro, global_batch // unit, global_batch)
+    return Batch(world, micro, global_batch // unit, global_batch, sp)
 
 
 def batch_for(spec: RunSpec, world_size: int | None = None) -> Batch:
     world = world_size or spec.distributed.nodes * spec.distributed.gpus_per_node
     t = spec.train
-    return resolve_batch(t.per_device_train_batch_size, world, t.gradient_accumulation_steps, t.global_batch_size)
+    return resolve_batch(t.per_device_train_batch_size, world, t.gradient_accumulation_steps, t.global_batch_size,
+                         spec.distributed.sequence_parallel_size)
 
 
 def pin_global_batch(spec: RunSpec) -> RunSpec:

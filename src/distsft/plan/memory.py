@@ -188,7 +188,9 @@ def estimate(spec: RunSpec, plan: Plan | None = None, *, shape: ModelShape | Non
     d = spec.distributed
     world = plan.world_size if plan else d.nodes * d.gpus_per_node
     bytes_per_value = 4 if spec.train.bf16 is False and not spec.train.fp16 else 2
-    act = activation_bytes(shape, spec.train.per_device_train_batch_size, spec.data.max_length,
+    # Sequence parallelism: each GPU of a group holds 1/S of the row's tokens (and their activations).
+    S = d.sequence_parallel_size
+    act = activation_bytes(shape, spec.train.per_device_train_batch_size, -(-spec.data.max_length // S),
                            spec.train.gradient_checkpointing, bytes_per_value)
     per_stage = {}
     for label, (stage, opt, par) in STAGES.items():

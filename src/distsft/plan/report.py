@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from distsft.config.spec import RunSpec
+from distsft.errors import SpecError
 from distsft.plan.batch import batch_for, steps, warmup_steps
 
 
@@ -31,6 +32,11 @@ class Plan:
     warmup_steps: int | None = None
     tokens_per_step: float | None = None
     memory_gb_per_gpu: dict[str, float] = field(default_factory=dict)
+    # sequence parallelism (config.seqpar.figures): each GPU holds 1/S of a row's tokens and activations
+    sequence_parallel_size: int = 1
+    data_parallel_size: int = 1
+    tokens_per_gpu_per_micro_batch: int | None = None
+    activation_share: float = 1.0
     num_parameters: int | None = None
     warnings: list[str] = field(default_factory=list)
 
@@ -46,6 +52,14 @@ def make_plan(spec: RunSpec, data_stats: dict[str, Any] | None = None) -> Plan:
                 gradient_accumulation_steps=b.gradient_accumulation_steps,
                 global_batch_size=b.global_batch_size, backend=d.backend, zero_stage=d.stage,
                 learning_rate=float(spec.train.learning_rate or 0.0))
+    from distsft.config import seqpar
+    for k, v in seqpar.figures(b.sequence_parallel_size, b.world_size, b.per_device_train_batch_size,
+                               spec.data.max_length).items():
+        setattr(plan, k, v)
+    errors, long_warnings = seqpar.plan_checks(spec, b.world_size, seqpar.model_limits(
+        spec.model.name_or_path, spec.model.trust_remote_code))
+    for error in errors:
+        raise SpecError(error)
     if spec.train.max_steps > 0:
         plan.total_steps = spec.train.max_steps
         plan.warmup_steps = warmup_steps(plan.total_steps, spec.train.warmup_ratio)
@@ -60,7 +74,7 @@ def make_plan(spec: RunSpec, data_stats: dict[str, Any] | None = None) -> Plan:
                                                        spec.train.max_steps, data_stats.get("drops_explained", ""))
         plan.warmup_steps = warmup_steps(plan.total_steps, spec.train.warmup_ratio)
         plan.tokens_per_step = plan.num_tokens / rows * b.global_batch_size if rows else None
-    plan.warnings = hyperparameter_warnings(spec, plan)
+    plan.warnings = hyperparameter_warnings(spec, plan) + long_warnings
     return plan
 
 

@@ -25,6 +25,7 @@ def sft_config(r: Any) -> Any:
     return SFTConfig(
         output_dir=str(r.out), per_device_train_batch_size=batch.per_device_train_batch_size,
         per_device_eval_batch_size=t.per_device_eval_batch_size or batch.per_device_train_batch_size,
+        parallelism_config=_parallelism(r), activation_offloading=t.activation_offloading,
         gradient_accumulation_steps=batch.gradient_accumulation_steps, learning_rate=float(t.learning_rate),
         lr_scheduler_type=t.lr_scheduler_type, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
         max_steps=total, warmup_steps=warmup_steps(total, t.warmup_ratio),
@@ -62,6 +63,20 @@ def checkpointing_args(enabled: bool) -> dict[str, Any]:
     name = "activation_checkpointing" if "activation_checkpointing" in SFTConfig.__dataclass_fields__ \
         else "gradient_checkpointing"
     return {name: enabled, f"{name}_kwargs": {"use_reentrant": False} if enabled else None}
+
+
+def _parallelism(r: Any) -> Any:
+    """accelerate's ParallelismConfig for distributed.sequence_parallel_size (None at 1): Ulysses under
+    DeepSpeed (train.seqpar, which also makes its registration keep packed examples apart), FSDP2's
+    ring attention (context parallelism over the data-parallel shards) otherwise."""
+    S = r.batch.sequence_parallel_size
+    if S == 1:
+        return None
+    if r.spec.distributed.backend == "deepspeed":
+        from distsft.train.seqpar import parallelism_config
+        return parallelism_config(S, r.attn)
+    from accelerate.parallelism_config import ParallelismConfig
+    return ParallelismConfig(dp_shard_size=r.batch.data_parallel_size, cp_size=S, cp_backend="torch")
 
 
 def _fsdp_args(spec: Any) -> dict[str, Any]:

@@ -67,6 +67,11 @@ def render_deepspeed(spec: RunSpec, batch: Batch, precision: str) -> dict[str, A
         "steps_per_print": 1_000_000,  # HF Trainer logs; DeepSpeed's own step prints would duplicate it
         "wall_clock_breakdown": False,
     }
+    if batch.sequence_parallel_size > 1:
+        # HF checks train_batch_size against world x micro x accum, counting every GPU of a sequence-
+        # parallel group as a replica; accelerate sets it to micro x accum x data-parallel degree (the
+        # global batch above) itself before DeepSpeed starts, so it is left out here.
+        del cfg["train_batch_size"]
     return cfg
 
 

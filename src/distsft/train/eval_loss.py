@@ -47,8 +47,9 @@ def _fsdp_root(model: Any) -> Any:
 
 
 def token_loss_sum(model: Any, batch: dict[str, Any], labels: torch.Tensor,
-                   chunk_bytes: int = CHUNK_BYTES) -> tuple[torch.Tensor, int]:
-    """(sum of the next-token cross-entropy over positions whose label is not -100, their count)."""
+                   chunk_bytes: int = CHUNK_BYTES, shifted: bool = False) -> tuple[torch.Tensor, int]:
+    """(sum of the next-token cross-entropy over positions whose label is not -100, their count).
+    `shifted`: labels[i] is already position i's next token (a sequence-parallel shard, train.seqpar)."""
     # FSDP2 gathers the root's own parameters (embeddings, final norm, head: what no wrapped layer owns)
     # only in the root's forward, which calling the decoder and the head directly bypasses; the wrapped
     # decoder layers still gather theirs in their own hooks. Eval runs after a training step, so the
@@ -57,20 +58,20 @@ def token_loss_sum(model: Any, batch: dict[str, Any], labels: torch.Tensor,
     if root is not None:
         root.unshard()
     try:
-        return _token_loss_sum(model, batch, labels, chunk_bytes)
+        return _token_loss_sum(model, batch, labels, chunk_bytes, shifted)
     finally:
         if root is not None:
             root.reshard()
 
 
 def _token_loss_sum(model: Any, batch: dict[str, Any], labels: torch.Tensor,
-                    chunk_bytes: int) -> tuple[torch.Tensor, int]:
+                    chunk_bytes: int, shifted: bool = False) -> tuple[torch.Tensor, int]:
     head = model.get_output_embeddings()
     decoder = model.get_decoder()
     hidden = decoder(**batch, use_cache=False)[0]
-    labels = labels.to(hidden.device)[..., 1:]
+    labels = labels.to(hidden.device) if shifted else labels.to(hidden.device)[..., 1:]
     keep = labels != -100
-    h = hidden[..., :-1, :][keep]
+    h = (hidden if shifted else hidden[..., :-1, :])[keep]
     y = labels[keep]
     # The config's vocabulary: under ZeRO-3 the head's weight is a partition (an empty shape) here.
     vocab = int(getattr(model.config, "vocab_size", 0) or head.weight.shape[0])

@@ -19,7 +19,11 @@ def record_start(r: Any) -> None:
     rec = dict(e.record(), time=time.time(), pid=os.getpid(), writer_rank=e.rank,
                global_batch_size=b.global_batch_size, gradient_accumulation_steps=b.gradient_accumulation_steps,
                resumed_from=r.resume.name if r.resume else None, num_rows=r.stats["num_rows"],
-               run_name=rundir.run_name(r.spec), optim=r.spec.train.optim)
+               run_name=rundir.run_name(r.spec), optim=r.spec.train.optim,
+               sequence_parallel_size=b.sequence_parallel_size, data_parallel_size=b.data_parallel_size,
+               # the resume guard lets the layout change (checkpoint.resume); the record says it did
+               resumed_sequence_parallel_size=getattr(r.marker, "sequence_parallel_size", None) if r.marker
+               else None)
     with open(r.out / rundir.RUN_RECORD, "a") as f:
         f.write(json.dumps(rec) + "\n")
 

@@ -40,11 +40,35 @@ def check_qlora_runs(device: torch.device) -> None:
                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
 
 
+def rope_config(spec: RunSpec) -> Any:
+    """The model's config with `model.rope_parameters` (e.g. YaRN for rows beyond its position range)
+    merged over its own RoPE parameters (rope_theta stays unless given); transformers' validation of the
+    result applies (an unknown rope_type or a missing factor is a spec error)."""
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    kind = spec.model.rope_parameters.get("rope_type", spec.model.rope_parameters.get("type", "default"))
+    if kind != "default" and kind not in ROPE_INIT_FUNCTIONS:
+        raise SpecError(f"model.rope_parameters.rope_type={kind!r} is not one of transformers' RoPE types: "
+                        f"default, {', '.join(sorted(ROPE_INIT_FUNCTIONS))}")
+    try:
+        cfg = AutoConfig.from_pretrained(spec.model.name_or_path, trust_remote_code=spec.model.trust_remote_code)
+        text = cfg.get_text_config()
+        name = "rope_parameters" if hasattr(text, "rope_parameters") else "rope_scaling"
+        setattr(text, name, {**(getattr(text, name, None) or {}), **spec.model.rope_parameters})
+        if hasattr(text, "validate_rope"):
+            text.validate_rope()
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SpecError(f"model.rope_parameters={spec.model.rope_parameters}: {str(exc).splitlines()[0]}") from None
+    return cfg
+
+
 def load_model(spec: RunSpec, precision: str, attn: str, device: torch.device, tokenizer: Any = None) -> Any:
     from transformers import AutoModelForCausalLM
     kwargs: dict[str, Any] = {"attn_implementation": attn, "dtype": weights_dtype(spec, precision),
                               "trust_remote_code": spec.model.trust_remote_code}
     sharded = is_sharded(spec)
+    if spec.model.rope_parameters:
+        kwargs["config"] = rope_config(spec)
     if spec.peft.method == "qlora":
         from transformers import BitsAndBytesConfig
         check_qlora_runs(device)

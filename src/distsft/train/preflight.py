@@ -15,4 +15,9 @@ def check(spec: Any) -> str:
     attn = choose_attn(spec.model.attn_implementation)
     check_kernels(spec.model.use_liger_kernel)  # Liger without CUDA
     check_available(spec.train.optim)  # an optimizer whose package is missing
+    from distsft.config.seqpar import machine_errors
+    from distsft.errors import SpecError
+    from distsft.runtime.hardware import cuda_info
+    for error in machine_errors(spec, cuda_info()[0]):  # ring attention / activation offloading on CPU
+        raise SpecError(error)
     return attn

@@ -213,7 +213,9 @@ def training_arguments(r: Rank) -> None:
                 f"{' ZeRO-' + str(spec.distributed.stage) if spec.distributed.backend == 'deepspeed' else ''}"
                 f"{' (FSDP2)' if spec.distributed.backend == 'fsdp' else ''}, "
                 f"global batch {b.global_batch_size} = {b.per_device_train_batch_size} × "
-                f"{b.gradient_accumulation_steps} × {e.world_size}")
+                f"{b.gradient_accumulation_steps} × {b.data_parallel_size}"
+                + (f" (sequence parallel: {b.sequence_parallel_size} GPUs per sequence)"
+                   if b.sequence_parallel_size > 1 else ""))
 
 
 def build_model(r: Rank) -> None:
@@ -234,7 +236,7 @@ def build_trainer(r: Rank) -> None:
     """Last, from everything above: the run context, rank 0's metrics writer and run record, the
     callbacks (diagnostics after PreemptionCallback: it logs every save step, the preemption save too)."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
-    from distsft.data.collate import PackedCollator, row_checksum
+    from distsft.data.collate import row_checksum
     from distsft.data.sampler import GlobalOrder
     from distsft.checkpoint.saves import SaveClock
     from distsft.observe.mfu import meter
@@ -253,17 +255,23 @@ def build_trainer(r: Rank) -> None:
     r.progress = Progress(r.total_steps, enabled=e.is_main)
     marker = store.Marker(step=0, global_batch_size=b.global_batch_size, seed=t.seed, num_rows=stats["num_rows"],
                           backend=spec.distributed.backend, zero_stage=spec.distributed.stage, optim=t.optim,
-                          data_key=r.data_key, max_length=spec.data.max_length, packing=spec.data.packing)
+                          data_key=r.data_key, max_length=spec.data.max_length, packing=spec.data.packing,
+                          sequence_parallel_size=b.sequence_parallel_size)
     r.ctx = RunContext(order=GlobalOrder(stats["num_rows"], b.global_batch_size, t.seed),
                        micro=b.per_device_train_batch_size, accum=b.gradient_accumulation_steps,
                        total_steps=r.total_steps, eval_batch=r.args.per_device_eval_batch_size,
                        save_total_limit=spec.checkpoint.save_total_limit, flag=r.flag, writer=r.writer,
                        save_clock=SaveClock(spec.slurm.signal_delay_s), marker=marker)
+    if b.sequence_parallel_size > 1:
+        from distsft.train.seqpar import Layout
+        r.ctx.seqpar = Layout(e.world_size, e.rank, b.sequence_parallel_size)
+        if spec.distributed.backend == "fsdp":  # ring attention: accelerate shards the rows itself
+            r.ctx.ring, r.ctx.seqpar = r.ctx.seqpar, None
     r.ctx.mfu = meter(r.model, e.world_size, r.device, spec.logging.peak_tflops, warn=dist.print0)
-    packed = PackedCollator(r.tokenizer.pad_token_id, r.attn)
+    packed, strip = _collator(r)
 
     def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = packed(rows)
+        batch = strip(packed(rows))
         batch["num_real_tokens"] = sum(int(sum(row["seq_lengths"])) for row in rows)
         batch["batch_checksum"] = sum(row_checksum(row["input_ids"]) for row in rows)
         return batch
@@ -281,11 +289,35 @@ def build_trainer(r: Rank) -> None:
         r.trainer.remove_callback(cb)
     dist.print0(f"data: {stats['num_examples']} examples, {stats['num_tokens']} tokens in {stats['num_rows']} rows "
                 f"(packing efficiency {stats['packing_efficiency']:.1%}); {r.steps_per_epoch} steps/epoch, "
-                f"{r.total_steps} steps" + (f"; resuming from {r.resume.name}" if r.resume else ""))
+                f"{r.total_steps} steps" + (f"; resuming from {r.resume.name}" if r.resume else "") + _layout_change(r))
     for line in stats.get("drop_lines", []):
         dist.print0(f"data: {line}")
     if spec.data.has_eval and not spec.train.eval_steps:
         dist.print0("eval: no train.eval_steps, so the eval set is evaluated once, at the end of training")
+
+
+def _layout_change(r: Rank) -> str:
+    """The resume guard lets the sequence-parallel layout change (same global batch, same samples);
+    say so where the resume is announced (run_record.jsonl records it too)."""
+    was = getattr(r.marker, "sequence_parallel_size", None) if r.marker else None
+    now = r.batch.sequence_parallel_size
+    return f" (written at sequence_parallel_size {was}, continuing at {now})" if was and was != now else ""
+
+
+def _collator(r: Rank) -> tuple[Any, Any]:
+    """The packed collator, and what is done to its batches. Under sequence parallelism every row is
+    padded to max_length rounded up to a multiple of the group size: each rank takes an equal shard, and
+    DeepSpeed's Ulysses adapter all-gathers the group's batches, which gloo accepts only at one shape
+    (the padding carries no loss). Only [B, L] tensors go to the adapter: the examples are kept apart in
+    the attention from the gathered position_ids (train.seqpar), not by the collator's mask."""
+    from distsft.data.collate import PackedCollator
+    S = r.batch.sequence_parallel_size
+    if S == 1:
+        return PackedCollator(r.tokenizer.pad_token_id, r.attn), lambda batch: batch
+    from distsft.config.seqpar import padded_length
+    from distsft.train.seqpar import strip_for_ulysses
+    width = padded_length(r.spec.data.max_length, S)
+    return PackedCollator(r.tokenizer.pad_token_id, "sdpa", pad_to_multiple_of=width), strip_for_ulysses
 
 
 def main(argv: list[str] | None = None) -> None:

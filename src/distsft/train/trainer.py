@@ -41,6 +41,8 @@ class RunContext:
     save_clock: Any = None  # saves.SaveClock: save_seconds and the signal_delay_s warning
     history: list[dict[str, Any]] = field(default_factory=list)
     mfu: Any = None  # tokens/s -> model FLOPs utilisation (mfu.meter), on CUDA only
+    seqpar: Any = None  # train.seqpar.Layout when distributed.sequence_parallel_size > 1 (Ulysses)
+    ring: Any = None  # the same under FSDP2's ring attention: a group's ranks load the same rows
 
 
 def _peak_memory_gb(device: torch.device) -> float:
@@ -58,6 +60,8 @@ class DistSFTTrainer(SFTTrainer):
     def __init__(self, *args: Any, ctx: RunContext, **kwargs: Any):
         self.ctx = ctx
         super().__init__(*args, **kwargs)
+        if ctx.seqpar is not None:
+            self.loss_is_scaled_for_ga = True  # seqpar.scaled_group_loss divides by the whole step's tokens
         # loss sum, loss tokens, real tokens, rows, batch checksum (which samples a step saw)
         self._window = torch.zeros(5, dtype=torch.float64)
         self._window_start = time.perf_counter()
@@ -66,16 +70,32 @@ class DistSFTTrainer(SFTTrainer):
     # ------------------------------------------------------------------ data
     def get_train_dataloader(self) -> DataLoader:
         e = dist.env()
-        sampler = StepBatchSampler(self.ctx.order, self.ctx.micro, self.ctx.accum, e.world_size, e.rank,
+        if self.ctx.seqpar is not None:
+            from distsft.train.seqpar import GroupBatchSampler
+            sampler = GroupBatchSampler(self.ctx.order, self.ctx.micro, self.ctx.accum, self.ctx.seqpar,
+                                        self.ctx.total_steps, start_step=lambda: self.state.global_step)
+            return _StepLoader(self.train_dataset, batch_sampler=sampler, collate_fn=self.data_collator,
+                               num_workers=0, pin_memory=self.args.device.type == "cuda")
+        world, rank = (self.ctx.ring.dp_size, self.ctx.ring.dp_rank) if self.ctx.ring else (e.world_size, e.rank)
+        sampler = StepBatchSampler(self.ctx.order, self.ctx.micro, self.ctx.accum, world, rank,
                                    self.ctx.total_steps, start_step=lambda: self.state.global_step)
         return _StepLoader(self.train_dataset, batch_sampler=sampler, collate_fn=self.data_collator,
                            num_workers=0, pin_memory=self.args.device.type == "cuda")
 
     # ------------------------------------------------------------------ loss bookkeeping
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list[Any], Any]:
+        batches, n = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.ctx.seqpar is not None and batches:  # HF counts nothing under Ulysses: the step's tokens
+            from distsft.train.seqpar import step_loss_tokens
+            n = step_loss_tokens(batches, self.args.device)
+        return batches, n
+
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         real_tokens = inputs.pop("num_real_tokens", None)
         checksum = inputs.pop("batch_checksum", 0.0)
+        if self.ctx.seqpar is not None and model.training:
+            return self._seqpar_loss(model, inputs, num_items_in_batch, real_tokens, checksum)
         out = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                    num_items_in_batch=num_items_in_batch)
         if model.training and num_items_in_batch is not None:
@@ -90,6 +110,21 @@ class DistSFTTrainer(SFTTrainer):
             self._window += torch.tensor([local_sum, n_local, float(real_tokens or 0),
                                           inputs["input_ids"].shape[0], float(checksum)], dtype=torch.float64)
         return out
+
+    def _seqpar_loss(self, model: Any, inputs: dict[str, Any], step_tokens: Any, real_tokens: Any,
+                     checksum: Any) -> Any:
+        """One shard of a group's micro-batch (train.seqpar): the loss is token-weighted over the whole
+        global batch; the window counts each shard's tokens on its rank, and the row, its real tokens
+        and its checksum once per group (every rank of the group holds the same rows)."""
+        from distsft.train.seqpar import train_loss
+        if self._window_step is None:
+            self._window_start, self._window_step = time.perf_counter(), self.state.global_step
+        rows = inputs["input_ids"].shape[0]
+        loss, local_sum, n_local = train_loss(model, inputs, step_tokens, self.ctx.seqpar)
+        once = 1.0 if self.ctx.seqpar.sp_rank == 0 else 0.0
+        self._window += torch.tensor([local_sum, n_local, once * float(real_tokens or 0), once * rows,
+                                      once * float(checksum)], dtype=torch.float64)
+        return loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
@@ -144,6 +179,13 @@ class DistSFTTrainer(SFTTrainer):
         e = dist.env()
         model = self.model
         total, count = 0.0, 0.0
+        if self.ctx.seqpar is not None:
+            from distsft.train.seqpar import eval_batches
+            with torch.no_grad(), self.compute_loss_context_manager():
+                for batch, labels in eval_batches(ds, self.data_collator, self.ctx.micro, self.ctx.seqpar):
+                    token_loss, n_tokens = token_loss_sum(model, self._prepare_inputs(batch), labels, shifted=True)
+                    total, count = total + float(token_loss), count + float(n_tokens)
+            return tuple(dist.all_reduce([total, count], "sum", device=self.args.device))
         shards = eval_shards(len(ds), self.ctx.eval_batch, e.world_size, e.rank)
         with torch.no_grad(), self.compute_loss_context_manager():
             for rows in shards:
