@@ -91,7 +91,7 @@ def resolve_model(name: str) -> ModelInfo:
     return ModelInfo(name, config, "hub")
 
 
-def _shape(info: ModelInfo) -> Any:
+def shape_of(info: ModelInfo) -> Any:
     from distsft.plan.memory import model_shape
     shape = model_shape(info.name_or_path, config=info.config)
     if shape is None:
@@ -136,7 +136,7 @@ def build(model: str, method: str = "full", nodes: int = 1, gpus: int = 1, gpu_m
     if gpu_memory_gb is not None and gpu_memory_gb <= 0:
         raise SpecError(f"--gpu-memory-gb {gpu_memory_gb:g}: must be a positive number of GB")
     info = resolve_model(model)
-    shape = _shape(info)
+    shape = shape_of(info)
     n = shape.num_parameters
     peft_method = "none" if method == "full" else method
     gpu_gb, gpu_why, write_gpu = _gpu_memory(gpu_memory_gb)
