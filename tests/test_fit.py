@@ -46,7 +46,7 @@ def test_resolved_micro_is_the_largest_that_fits(gb):
 def test_more_memory_never_means_a_smaller_micro_batch():
     s = spec({"global_batch_size": 128, "gradient_checkpointing": True},
              {"gpus_per_node": 8, "backend": "deepspeed", "zero_stage": 3})
-    micros = [fit.resolve_micro(s, SHAPE, gb, 128).micro for gb in (24, 40, 80, 141)]
+    micros = [fit.resolve_micro(s, SHAPE, gb, 128).micro for gb in (40, 80, 141, 200)]
     assert micros == sorted(micros) and micros[-1] > micros[0]
 
 
@@ -65,7 +65,7 @@ def test_nothing_fits_names_what_would():
         fit.resolve_micro(s, SHAPE, 24, 8)
     msg = str(info.value)
     assert "does not fit" in msg and "24 GB" in msg and "what would fit" in msg
-    assert "zero_stage: 3" in msg or "fsdp" in msg
+    assert "ZeRO-3" in msg or "FSDP2" in msg or "zero_stage: 3" in msg
     with pytest.raises(SpecError) as info:
         fit.choose_backend(spec(), SHAPE, 2)
     assert "nothing distsft offers fits" in str(info.value) or "what would fit" in str(info.value)
