@@ -31,7 +31,7 @@ def test_assumed_estimate_is_tokens_times_flops_over_peak_times_mfu():
     assert e.hours == pytest.approx(64 * 2048 * 1000 / (tps * 8) / 3600, rel=1e-3)
     assert e.gpu_hours == pytest.approx(e.hours * 8, rel=1e-3)
     assert e.hours_per_epoch == pytest.approx(e.hours / 2, rel=1e-3)
-    assert "assumed: 35% MFU of 1000 TFLOP/s" in e.basis and "logging.peak_tflops" in e.basis
+    assert "assumed: 35% MFU of 1000 TFLOP/s" in e.basis and "peak from logging.peak_tflops" in e.basis
 
 
 def test_checkpointing_and_offload_slow_the_assumed_estimate():

@@ -94,3 +94,23 @@ def test_zero_byte_accounting_equals_deepspeeds_estimators():
                 assert zero_states.zero3(params, largest, gpn, nodes, off, off_p, init) == \
                     estimate_zero3_model_states_mem_needs(params, largest, gpn, nodes, cpu_offload=off,
                                                           cpu_offload_params=off_p, zero_init=init)
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                                  "constant_with_warmup", "inverse_sqrt", "cosine_with_min_lr",
+                                  "warmup_stable_decay"])
+@pytest.mark.parametrize("total,warmup", [(100, 10), (37, 0), (5, 5)])
+def test_plan_lr_curve_equals_hf_schedulers(name, total, warmup):
+    """config.schedules.lr_curve computes HF's schedules in plain Python (plan must not import
+    transformers.optimization, which imports PEFT and bitsandbytes); it must equal what training builds."""
+    import torch
+    from transformers import get_scheduler
+
+    from distsft.config import schedules
+    s = spec({"learning_rate": 3e-4, "lr_scheduler_type": name, "warmup_ratio": 0.0,
+              **({"min_lr_ratio": 0.2} if name in schedules.MIN_LR_SCHEDULERS else {})})
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=3e-4)
+    sched = get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=total,
+                          scheduler_specific_kwargs=schedules.scheduler_kwargs(s.train, total))
+    want = [3e-4 * sched.lr_lambdas[0](i) for i in range(total)]
+    assert schedules.lr_curve(s, total, warmup) == pytest.approx(want, rel=1e-12, abs=1e-18)

@@ -70,9 +70,9 @@ def peak_for(spec: Any, device: str | None) -> tuple[float, str]:
         known = peak_tflops(device)
         if known:
             return known, device
-    return DEFAULT_PEAK_TFLOPS, (f"an {DEFAULT_DEVICE}'s (no GPU on this machine; set logging.peak_tflops "
-                                 "for the job's GPUs)" if not device or device == CPU else
-                                 f"an {DEFAULT_DEVICE}'s ({device}'s peak is not known; set logging.peak_tflops)")
+    return DEFAULT_PEAK_TFLOPS, (f"an {DEFAULT_DEVICE}'s: no GPU on this machine; set logging.peak_tflops "
+                                 "for the job's GPUs" if not device or device == CPU else
+                                 f"an {DEFAULT_DEVICE}'s: {device}'s peak is not known; set logging.peak_tflops")
 
 
 # ----------------------------------------------------------------------------- measured records
@@ -160,8 +160,8 @@ def estimate(spec: Any, plan: Any, *, matmul_params: int | None, trainable_param
         mfu = assumed_mfu(spec)
         fpt = flops_per_token(matmul_params, trainable_params or 0, spec.train.gradient_checkpointing)
         tps = peak * 1e12 * mfu / fpt
-        basis = (f"assumed: {mfu:.0%} MFU of {peak:g} TFLOP/s peak ({peak_from}), "
-                 f"{fpt / 1e9:.1f} GFLOPs per token")
+        basis = (f"assumed: {mfu:.0%} MFU of {peak:g} TFLOP/s peak, {fpt / 1e9:.3g} GFLOPs per token; "
+                 f"peak from {peak_from}")
         source = "assumed"
     else:
         return None
@@ -204,3 +204,18 @@ def time_limit_warning(hours: float, time_min: int, max_requeues: int) -> str | 
     return (f"{head}: it needs {requeues} requeues but slurm.max_requeues={max_requeues}, so it will not "
             f"finish; raise slurm.time_min (>= {math.ceil(minutes / (max_requeues + 1))} min) or "
             "slurm.max_requeues")
+
+
+def for_plan(spec: Any, plan: Any, mem: dict[str, Any] | None, device: str | None) -> Estimate | None:
+    """The estimate `distsft plan` shows: matmul and trainable parameters from the memory estimate,
+    scaled to the active share for an MoE model when its active parameter count is known
+    (`num_active_parameters`), and the measured records in the spec's output directory."""
+    total = (mem or {}).get("num_parameters")
+    active = (mem or {}).get("num_active_parameters") or getattr(plan, "num_active_parameters", None) or total
+    share = active / total if total and active else 1.0
+    matmul = (mem or {}).get("matmul_parameters") or total
+    trainable = (mem or {}).get("trainable_parameters")
+    if spec.peft.method == "none" and trainable:
+        trainable = int(trainable * share)  # every expert is trainable, but a token trains only its own
+    return estimate(spec, plan, matmul_params=int(matmul * share) if matmul else None, trainable_params=trainable,
+                    device=device, records=read_records(spec.output_dir))

@@ -183,3 +183,63 @@ def nothing_fits(spec: Any, shape: memory.ModelShape, gpu_memory_gb: float, ever
     if not options:
         return head + "; nothing distsft offers fits on GPUs this size: use more GPUs or larger ones"
     return head + "; what would fit: " + "; ".join(options)
+
+
+def memory_budget(spec: Any) -> tuple[float, str]:
+    """(GiB per device, where it comes from) for `auto`: distributed.gpu_memory_gb, else this machine's
+    GPU (where `run` starts the ranks), else its RAM shared by the CPU processes `run` would start."""
+    from distsft.runtime import hardware
+    d = spec.distributed
+    if d.gpu_memory_gb:
+        return float(d.gpu_memory_gb), "distributed.gpu_memory_gb"
+    seen = hardware.gpu_memory_gb()
+    if seen:
+        return seen, "this machine's GPU"
+    return hardware.host_memory_gb() / max(1, d.gpus_per_node), "this machine's RAM shared by the CPU processes"
+
+
+def _probed(spec: Any, global_batch: int, dp: int) -> int | None:
+    """The micro-batch a GPU probe settled on in this output directory (train.autobatch), so that a
+    resume uses the same."""
+    import json
+    from pathlib import Path
+
+    from distsft import rundir
+    p = Path(spec.output_dir) / rundir.AUTO_BATCH
+    try:
+        rec = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+    if rec.get("global_batch_size") == global_batch and rec.get("dp_world") == dp:
+        return int(rec["per_device_train_batch_size"])
+    return None
+
+
+_RESOLVED: dict[str, int] = {}
+
+
+def auto_micro(spec: Any, world: int) -> int:
+    """What `per_device_train_batch_size: auto` resolves to at this world size (cached per spec: plan,
+    render and the launcher ask more than once). SpecError when the model's config cannot be read or
+    nothing fits."""
+    import json
+    key = json.dumps([spec.to_dict(), world], sort_keys=True, default=str)
+    if key in _RESOLVED:
+        return _RESOLVED[key]
+    g = spec.train.global_batch_size
+    d = spec.distributed
+    sized = spec.model_copy(update={"distributed": d.model_copy(update={"gpus_per_node": world // max(1, d.nodes)})
+                                    if world % max(1, d.nodes) == 0 else d.model_copy(update={"nodes": 1, "gpus_per_node": world})})
+    dp = dp_world(sized)
+    probed = _probed(spec, g, dp)
+    if probed:
+        _RESOLVED[key] = probed
+        return probed
+    shape = memory.model_shape(spec.model.name_or_path, spec.model.trust_remote_code)
+    if shape is None:
+        raise SpecError(f"train.per_device_train_batch_size: auto needs the model's config to estimate memory, and "
+                        f"{spec.model.name_or_path!r} has none readable here (not local, not cached, not bundled); "
+                        "set a number")
+    gb, _ = memory_budget(spec)
+    _RESOLVED[key] = resolve_micro(sized, shape, gb, g).micro
+    return _RESOLVED[key]

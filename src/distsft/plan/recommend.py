@@ -53,6 +53,15 @@ CLASSES = (
 )
 
 
+def size(num_parameters: int) -> str:
+    """7615616512 -> '7.6B'; 134515008 -> '135M'; 139584 -> '140K'."""
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if num_parameters >= div:
+            v = num_parameters / div
+            return f"{v:.1f}{unit}" if unit == "B" else f"{v:.0f}{unit}"
+    return str(num_parameters)
+
+
 def size_class(num_parameters: int) -> SizeClass:
     if num_parameters < SMALL_BELOW:
         return CLASSES[0]
@@ -95,14 +104,14 @@ def effective_batch(lo: int, hi: int, unit: int) -> int:
 def pick(num_parameters: int, method: str, dp_world: int = 1, micro: int = 1) -> Pick:
     c = size_class(num_parameters)
     lora = method in ("lora", "qlora")
-    size = f"{num_parameters / 1e9:.1f}B parameters: the table's {c.label} column"
+    size_note = f"{size(num_parameters)} parameters: the table's {c.label} column"
     lo, hi = learning_rate_range(num_parameters, method)
     lr = _geo_mid(lo, hi)
     batch = effective_batch(*c.effective_batch, micro * dp_world)
     in_range = c.effective_batch[0] <= batch <= c.effective_batch[1]
     why = {
         "learning_rate": (f"{'LoRA/QLoRA' if lora else 'full fine-tuning'} range {lo:g}-{hi:g}"
-                          + ("" if lora else f" for {c.label}") + f" ({size})"),
+                          + ("" if lora else f" for {c.label}") + f" ({size_note})"),
         "global_batch_size": (f"effective batch {c.effective_batch[0]}-{c.effective_batch[1]} for {c.label}"
                               if in_range else
                               f"the smallest multiple of micro x GPUs ({micro * dp_world}) at or above "
@@ -145,7 +154,7 @@ def warnings(spec: Any, num_parameters: int | None, global_batch: int) -> list[s
                      f"{'LoRA/QLoRA' if lora else 'full fine-tuning'} at any model size")
         return w
     c = size_class(num_parameters)
-    who = f"{'LoRA/QLoRA' if lora else 'full fine-tuning'} of a {num_parameters / 1e9:.1f}B model ({c.label})"
+    who = f"{'LoRA/QLoRA' if lora else 'full fine-tuning'} of a {size(num_parameters)} model ({c.label})"
     lo, hi = learning_rate_range(num_parameters, method)
     if lr and _outside(lr, lo, hi):
         w.append(f"train.learning_rate={lr:g} is outside the recommended {_fmt(lo, hi)} for {who}")
