@@ -98,7 +98,7 @@ def test_plan_uses_a_measured_figure_in_the_output_dir(tmp_path):
     assert p["estimate"]["source"] == "assumed" and p["estimate"]["hours"] > 0
     rec = {"source": "sanity", "model": str(h.TINY), "peft_method": "none", "device": "cpu",
            "world_size": 1, "tokens_per_second_per_gpu": 1234.5}
-    (tmp_path / "out").mkdir()
+    (tmp_path / "out").mkdir(exist_ok=True)
     (tmp_path / "out" / "throughput.jsonl").write_text(json.dumps({"time": 1, **rec}) + "\n")
     m = json.loads(h.run("plan", spec_path, "--json", check=True).stdout)["estimate"]
     assert m["source"] == "measured" and m["tokens_per_second_per_gpu"] == 1234.5

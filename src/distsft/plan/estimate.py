@@ -171,7 +171,7 @@ def estimate(spec: Any, plan: Any, *, matmul_params: int | None, trainable_param
         hours = plan.tokens_per_step * plan.total_steps / per_s / 3600
         if plan.steps_per_epoch:
             per_epoch = plan.tokens_per_step * plan.steps_per_epoch / per_s / 3600
-    sig = lambda x: None if x is None else float(f"{x:.4g}")  # noqa: E731 - 4 significant digits
+    sig = lambda x: None if x is None else float(f"{x:.6g}")  # noqa: E731 - 6 significant digits
     return Estimate(tokens_per_second_per_gpu=sig(tps), source=source, hours=sig(hours),
                     gpu_hours=sig(None if hours is None else hours * world), hours_per_epoch=sig(per_epoch),
                     basis=basis)
