@@ -71,7 +71,7 @@ def test_a_missing_local_file_is_exit_2(tmp_path):
     spec = h.write_spec(tmp_path / "s.yaml", tmp_path / "out")
     spec.write_text(spec.read_text().replace(str(h.TRAIN), str(tmp_path / "nope.jsonl")))
     p = h.run("plan", spec)
-    assert p.returncode == 2 and "data.sources[0]" in p.stderr and "nope.jsonl" in p.stderr, p.stderr
+    assert p.returncode == 2 and "data.train_files[0]" in p.stderr and "nope.jsonl" in p.stderr, p.stderr
 
 
 def test_a_hub_source_offline_is_not_read_and_exit_0(tmp_path):
