@@ -254,6 +254,19 @@ def _sbatch_message(exc: BaseException) -> str:
     return lines[-1] if lines else type(exc).__name__
 
 
+def _time_limit_warning(spec: Any, plan: Any) -> None:
+    """The run's estimated time (plan.estimate; measured when a record exists) against slurm.time_min:
+    requeued N times, which is fine, or it will not finish."""
+    from distsft.plan import estimate
+    from distsft.plan.memory import estimate as memory_estimate
+    est = estimate.for_plan(spec, plan, memory_estimate(spec, plan), device=None)  # the job's GPUs are not here
+    if est is None or est.hours is None:
+        return
+    warning = estimate.time_limit_warning(est.hours, spec.slurm.time_min, spec.slurm.max_requeues)
+    if warning:
+        print(f"warning: {warning} ({est.source} estimate: {est.basis})", flush=True)
+
+
 def submit(spec_path: str, overrides: list[str], nodes: int | None, gpus: int | None, wait: bool,
            dry_run: bool, prepare: bool = True) -> int:
     from distsft.plan.report import make_plan
@@ -286,6 +299,7 @@ def submit(spec_path: str, overrides: list[str], nodes: int | None, gpus: int | 
         stats = build_caches(spec)
         plan = make_plan(spec, stats["train"])
         print("\n".join(describe(stats)), flush=True)
+        _time_limit_warning(spec, plan)
     lock = OutputLock(out)
     lock.acquire()  # refuse at once if a job on this machine trains into the same output_dir
     try:
