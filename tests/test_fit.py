@@ -69,3 +69,54 @@ def test_nothing_fits_names_what_would():
     with pytest.raises(SpecError) as info:
         fit.choose_backend(spec(), SHAPE, 2)
     assert "nothing distsft offers fits" in str(info.value) or "what would fit" in str(info.value)
+
+
+# ----------------------------------------------------------------------------- `auto` end to end
+def test_auto_needs_a_global_batch():
+    with pytest.raises(SpecError, match="auto needs train.global_batch_size"):
+        spec({"per_device_train_batch_size": "auto"})
+
+
+def test_auto_resolves_from_gpu_memory_gb_and_keeps_the_global_batch(tmp_path):
+    """A bundled 8B model planned from this GPU-less machine for 8 x 80 GB: the micro-batch auto picks is
+    the largest that fits and the global batch is exact; with less memory it is smaller."""
+    from distsft.plan.batch import batch_for, pin_global_batch
+    base = {"model": {"name_or_path": "meta-llama/Llama-3.1-8B"},
+            "data": {"train_files": ["a.jsonl"], "max_length": 4096}, "output_dir": str(tmp_path),
+            "train": {"per_device_train_batch_size": "auto", "global_batch_size": 64, "gradient_checkpointing": True},
+            "distributed": {"gpus_per_node": 8, "backend": "deepspeed", "zero_stage": 3, "gpu_memory_gb": 80}}
+    s80 = validate(base)
+    b80 = batch_for(s80)
+    assert b80.per_device_train_batch_size * b80.gradient_accumulation_steps * 8 == 64
+    base["distributed"]["gpu_memory_gb"] = 40
+    b40 = batch_for(validate(base))
+    assert b40.per_device_train_batch_size < b80.per_device_train_batch_size and b40.global_batch_size == 64
+    pinned = pin_global_batch(s80)  # run.yaml records the number, so a resume uses the same
+    assert pinned.train.per_device_train_batch_size == b80.per_device_train_batch_size
+
+
+def test_a_probed_micro_batch_in_the_output_dir_wins(tmp_path):
+    import json
+    from distsft import rundir
+    from distsft.plan.batch import batch_for
+    s = validate({"model": {"name_or_path": "meta-llama/Llama-3.1-8B"}, "data": {"train_files": ["a.jsonl"]},
+                  "output_dir": str(tmp_path),
+                  "train": {"per_device_train_batch_size": "auto", "global_batch_size": 64},
+                  "distributed": {"gpus_per_node": 8, "backend": "fsdp", "gpu_memory_gb": 80}})
+    (tmp_path / rundir.AUTO_BATCH).write_text(json.dumps({"per_device_train_batch_size": 2, "global_batch_size": 64,
+                                                          "dp_world": 8}))
+    assert batch_for(s).per_device_train_batch_size == 2
+
+
+def test_auto_that_fits_nothing_is_exit_2_naming_what_would(tmp_path):
+    import helpers as h
+    spec_path = tmp_path / "s.yaml"
+    spec_path.write_text("""
+model: {name_or_path: Qwen/Qwen2.5-72B}
+data: {train_files: [a.jsonl], max_length: 4096}
+train: {per_device_train_batch_size: auto, global_batch_size: 64}
+distributed: {gpus_per_node: 8, gpu_memory_gb: 24}
+""")
+    p = h.run("plan", spec_path, "--no-data")
+    assert p.returncode == 2 and "does not fit" in p.stderr and "what would fit" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr

@@ -14,10 +14,11 @@ parameters and find the linear layers. Anything that cannot be read gives None (
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from distsft.plan import ckpt_size
-from distsft.plan.report import Plan
+if TYPE_CHECKING:  # only a type here: plan.report -> plan.batch -> plan.fit (auto) -> plan.memory
+    from distsft.plan.report import Plan
 from distsft.config.spec import RunSpec
 
 GIB = 2**30
