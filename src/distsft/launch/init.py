@@ -178,6 +178,8 @@ def build(model: str, method: str = "full", nodes: int = 1, gpus: int = 1, gpu_m
     text = render(raw, why, info, method, nodes, gpus, gpu_gb)
     summary = [f"{info.name_or_path}: {n / 1e9:.2f}B parameters ({info.where})",
                f"{settings['backend']}" + (f" ZeRO-{settings['zero_stage']}" if settings.get("zero_stage") else "")
+               + (" + offload optimizer" if settings.get("offload_optimizer") else "")
+               + (" + offload params" if settings.get("offload_params") else "")
                + (" + checkpointing" if chosen.gradient_checkpointing else "")
                + f", micro-batch {micro} x accumulation {batch.gradient_accumulation_steps} x {batch.world_size} "
                f"GPUs = global batch {batch.global_batch_size}; {fitted.why()}"]
@@ -203,7 +205,8 @@ def _reasons(info: ModelInfo, shape: Any, peft_method: str, rec: recommend.Pick,
         "model.name_or_path": f"{info.where}: {n / 1e9:.2f}B parameters, {shape.num_layers} layers, hidden {shape.hidden_size}",
         "data.sources": ("placeholder: a public chat dataset (messages format); replace with your files "
                          "(distsft init --data FILE)") if not data else "the files given (--data)",
-        **{f"data.sources[{i}].format": w for i, (_, w) in enumerate(sources)},
+        **{f"data.sources[{i}].format": w if data else "the placeholder's format"
+           for i, (_, w) in enumerate(sources)},
         "data.max_length": f"min({MAX_LENGTH}, the model's {max_pos:,}-token context); longer examples are truncated",
         "data.packing": "packs examples into full rows: no padding, exact per-example attention",
         "peft.method": {"none": "full fine-tuning (--method full)", "lora": "LoRA adapters (--method lora)",
