@@ -104,3 +104,20 @@ def test_plan_uses_a_measured_figure_in_the_output_dir(tmp_path):
     assert m["source"] == "measured" and m["tokens_per_second_per_gpu"] == 1234.5
     assert m["hours"] == pytest.approx(p["estimate"]["hours"] * p["estimate"]["tokens_per_second_per_gpu"] / 1234.5,
                                        rel=1e-2)
+
+
+@pytest.mark.slow
+def test_sanity_and_a_run_record_their_throughput_and_plan_uses_it(tmp_path):
+    """`distsft sanity` writes its measured tokens/s into the spec's output_dir and `plan` then says
+    "measured"; a training run appends its own record at the end."""
+    spec_path = h.write_spec(tmp_path / "s.yaml", tmp_path / "out")
+    h.run("sanity", spec_path, check=True)
+    recs = [json.loads(x) for x in (tmp_path / "out" / "throughput.jsonl").read_text().splitlines()]
+    assert recs[-1]["source"] == "sanity" and recs[-1]["tokens_per_second_per_gpu"] > 0
+    assert recs[-1]["model"] == str(h.TINY) and recs[-1]["device"] == "cpu"
+    e = json.loads(h.run("plan", spec_path, "--json", check=True).stdout)["estimate"]
+    assert e["source"] == "measured" and e["tokens_per_second_per_gpu"] == pytest.approx(
+        recs[-1]["tokens_per_second_per_gpu"], rel=1e-5)
+    h.run("run", spec_path, check=True)
+    recs = [json.loads(x) for x in (tmp_path / "out" / "throughput.jsonl").read_text().splitlines()]
+    assert [r["source"] for r in recs] == ["sanity", "run"]
