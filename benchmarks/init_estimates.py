@@ -71,7 +71,10 @@ torch.set_num_threads(1)
 x = torch.randint(0, raw.get('vocab_size', raw.get('text_config', {}).get('vocab_size', 1000)) - 1, (micro, length))
 before = hwm()
 cfg = AutoConfig.for_model(**raw)
-model = AutoModelForCausalLM.from_config(cfg, attn_implementation='sdpa').float()
+try:
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation='sdpa').float()
+except ValueError:  # Gemma-2 (soft-capped attention) only offers eager
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation='eager').float()
 opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 for _ in range(3):
     out = model(input_ids=x, labels=x)
@@ -104,14 +107,14 @@ def tiny_config(stem: str) -> dict:
     return raw
 
 
-def part_b(length: int, micro: int) -> None:
+def part_b(length: int, micro: int, families: tuple[str, ...] = FAMILIES) -> None:
     from distsft.config.spec import validate
     from distsft.plan import memory
     from distsft.plan.memory import model_shape
     print(f"\nmicro-batch {micro} x {length} tokens, fp32, 1 CPU process, 3 AdamW steps\n")
     print("| tiny model (family) | params | estimate MB | measured peak MB | error |")
     print("|---|---|---|---|---|")
-    for stem in FAMILIES:
+    for stem in families:
         raw = tiny_config(stem)
         shape = model_shape(stem, config=raw)
         spec = validate({"model": {"name_or_path": stem}, "data": {"train_files": ["x.jsonl"], "max_length": length},
@@ -133,11 +136,12 @@ def main() -> None:
     ap.add_argument("--part", choices=("a", "b", "both"), default="both")
     ap.add_argument("--length", type=int, default=512)
     ap.add_argument("--micro", type=int, default=4)
+    ap.add_argument("--families", default=",".join(FAMILIES), help="bundled stems to shrink and measure")
     a = ap.parse_args()
     if a.part in ("a", "both"):
         part_a()
     if a.part in ("b", "both"):
-        part_b(a.length, a.micro)
+        part_b(a.length, a.micro, tuple(a.families.split(",")))
 
 
 if __name__ == "__main__":
