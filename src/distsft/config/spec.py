@@ -148,7 +148,7 @@ class PeftSpec(_Section):
 class TrainSpec(_Section):
     # auto: the largest micro-batch the memory estimate fits on the GPU (plan.fit), accumulation derived
     # so that global_batch_size stays exact; on a GPU a probe step confirms it (train.autobatch).
-    per_device_train_batch_size: typing.Annotated[int, Field(ge=1)] | Literal["auto"] = 1
+    per_device_train_batch_size: int | Literal["auto"] = 1
     per_device_eval_batch_size: int | None = Field(None, ge=1)
     gradient_accumulation_steps: int | None = Field(None, ge=1)
     global_batch_size: int | None = Field(None, ge=1)
@@ -174,6 +174,13 @@ class TrainSpec(_Section):
     min_lr_ratio: float | None = Field(None, ge=0.0, le=1.0)
     decay_ratio: float | None = Field(None, gt=0.0, le=1.0)  # warmup_stable_decay: share of steps decaying
     torch_compile: bool = False
+
+    @field_validator("per_device_train_batch_size", mode="before")
+    @classmethod
+    def _micro(cls, v: Any) -> Any:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            return v
+        raise ValueError("must be a positive integer or auto")
 
     @field_validator("optim")
     @classmethod
