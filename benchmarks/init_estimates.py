@@ -97,7 +97,7 @@ def tiny_config(stem: str) -> dict:
     raw.pop("quantization_config", None)  # MXFP4 needs a GPU kernel; the tiny copy trains in fp32
     raw.pop("rope_scaling", None)
     for k in ("bos_token_id", "eos_token_id", "pad_token_id"):  # ids of the real vocabulary
-        raw.pop(k, None)
+        raw[k] = None
     if "layer_types" in raw:
         raw["layer_types"] = raw["layer_types"][:TINY["num_hidden_layers"]]
     if raw.get("model_type") == "qwen3_moe":
