@@ -207,6 +207,8 @@ def _reasons(info: ModelInfo, shape: Any, peft_method: str, rec: recommend.Pick,
                          "(distsft init --data FILE)") if not data else "the files given (--data)",
         **{f"data.sources[{i}].format": w if data else "the placeholder's format"
            for i, (_, w) in enumerate(sources)},
+        **{f"data.sources[{i}].columns": "the file's own name for the column the format reads"
+           for i in range(len(sources))},
         "data.max_length": f"min({MAX_LENGTH}, the model's {max_pos:,}-token context); longer examples are truncated",
         "data.packing": "packs examples into full rows: no padding, exact per-example attention",
         "peft.method": {"none": "full fine-tuning (--method full)", "lora": "LoRA adapters (--method lora)",
