@@ -180,8 +180,7 @@ class Reader:
         try:
             ds = datasets.load_dataset(name, self.subset, split=self.split, revision=revision)
         except ConnectionError as exc:  # offline, or the hub does not answer: not the user's mistake
-            raise NotReachable(f"{self.label}: a hub dataset that is not in the local cache, and the hub cannot be "
-                               f"reached ({type(exc).__name__}: {str(exc)[:200]})") from None
+            raise NotReachable(self._hub_error(exc)) from None
         except Exception as exc:  # noqa: BLE001 - every other way this fails is the user's source
             raise SpecError(self._hub_error(exc)) from None
         finally:
