@@ -176,7 +176,7 @@ def build(model: str, method: str = "full", nodes: int = 1, gpus: int = 1, gpu_m
     fitted = fit.Fit(chosen.label, chosen.gradient_checkpointing, micro, gb, chosen.budget_gb, gpu_gb)
     why = _reasons(info, shape, peft_method, rec, fitted, gpu_why, sources, max_pos, max_length, batch, data)
     text = render(raw, why, info, method, nodes, gpus, gpu_gb)
-    summary = [f"{info.name_or_path}: {n / 1e9:.2f}B parameters ({info.where})",
+    summary = [f"{info.name_or_path}: {recommend.size(n)} parameters ({info.where})",
                f"{settings['backend']}" + (f" ZeRO-{settings['zero_stage']}" if settings.get("zero_stage") else "")
                + (" + offload optimizer" if settings.get("offload_optimizer") else "")
                + (" + offload params" if settings.get("offload_params") else "")
@@ -202,7 +202,7 @@ def _reasons(info: ModelInfo, shape: Any, peft_method: str, rec: recommend.Pick,
                "fsdp+offload": "FSDP2 with CPU offload: nothing on the GPUs alone fits"}[chosen.label]
     n = shape.num_parameters
     return {
-        "model.name_or_path": f"{info.where}: {n / 1e9:.2f}B parameters, {shape.num_layers} layers, hidden {shape.hidden_size}",
+        "model.name_or_path": f"{info.where}: {recommend.size(n)} parameters, {shape.num_layers} layers, hidden {shape.hidden_size}",
         "data.sources": ("placeholder: a public chat dataset (messages format); replace with your files "
                          "(distsft init --data FILE)") if not data else "the files given (--data)",
         **{f"data.sources[{i}].format": w if data else "the placeholder's format"
