@@ -48,10 +48,14 @@ def test_plan_table_and_plots(spec, tmp_path):
 
 
 def test_plan_without_readable_data_gives_nulls(spec):
-    r = invoke("plan", spec, "--json", "data.train_files=[missing.jsonl]")
+    """Only a hub source that cannot be reached from here is "not read" (issue 23: a missing local file
+    is the user's to fix, exit 2)."""
+    r = invoke("plan", spec, "--json", "data.train_files=[someorg/uncached-dataset]")
     assert r.exit_code == 0
     d = json.loads(r.stdout)
-    assert d["num_examples"] is None and d["num_packed_rows"] is None and "missing.jsonl" in d["data_note"]
+    assert d["num_examples"] is None and d["num_packed_rows"] is None and "uncached-dataset" in d["data_note"]
+    r = invoke("plan", spec, "--json", "data.train_files=[missing.jsonl]")
+    assert r.exit_code == 2 and "missing.jsonl" in r.output
 
 
 def test_render_writes_the_run_dir(spec, tmp_path):

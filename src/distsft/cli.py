@@ -1,4 +1,4 @@
-"""The `distsft` command: plan, render, run, submit, prepare, sanity.
+"""The `distsft` command: init, plan, render, run, submit, prepare, sanity.
 
 Every user-caused error (spec, data, command line) ends in one message and exit code 2.
 """
@@ -44,12 +44,14 @@ def _exit_with(command: Any, *args: Any, **kwargs: Any) -> None:
 
 
 def _data_stats(spec: Any) -> tuple[dict[str, Any] | None, str | None]:
-    """Tokenize and pack the data for the plan when it can be read ({split: stats}); otherwise say why."""
+    """Tokenize and pack the data for the plan ({split: stats}). Only a hub model or dataset that is not
+    cached here is "not read" (why); any other data error is the user's to fix (SpecError, exit 2)."""
+    from distsft.errors import NotReachable
     try:
         from distsft.launch.prepare import build_caches
         # Local files and the HF cache only: a plan must not hang on hub retries when offline.
         return build_caches(spec, local_files_only=True), None
-    except SpecError as exc:
+    except NotReachable as exc:
         return None, str(exc)
 
 
@@ -59,8 +61,10 @@ def plan(spec_path: Path = typer.Argument(..., metavar="SPEC"), overrides: Optio
          as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
          no_data: bool = typer.Option(False, "--no-data", help="skip reading the data")) -> None:
     """Validate the spec and show the plan: batch arithmetic, data, steps, memory."""
-    from distsft.plan.report import make_plan
+    from distsft.plan.report import hyperparameter_warnings, make_plan
     from distsft.config.spec import load_spec
+    from distsft.runtime.offline import hub_offline
+    hub_offline()  # local files and the HF cache only: no retries, no hub noise
     # Libraries print to stdout (DeepSpeed's accelerator notice); keep stdout for the plan itself.
     with contextlib.redirect_stdout(sys.stderr):
         try:
@@ -70,11 +74,11 @@ def plan(spec_path: Path = typer.Argument(..., metavar="SPEC"), overrides: Optio
             stats = all_stats["train"] if all_stats else None
             p = make_plan(spec, stats)
             from distsft.train.tokens import plan_warnings
-            p.warnings += plan_warnings(spec)  # template markers missing from the vocabulary (trl#1668)
+            extra = plan_warnings(spec)  # template markers missing from the vocabulary (trl#1668)
             from distsft.train.stops import plan_warnings as stop_warnings
-            p.warnings += stop_warnings(spec)  # the template ends turns with a token generation does not stop on
-            from distsft.runtime.hardware import kernel_warnings
-            p.warnings += kernel_warnings(spec.model.use_liger_kernel)
+            extra += stop_warnings(spec)  # the template ends turns with a token generation does not stop on
+            from distsft.runtime.hardware import device_name, kernel_warnings
+            extra += kernel_warnings(spec.model.use_liger_kernel)
         except SpecError as exc:
             _fail(str(exc))
             return
@@ -83,6 +87,11 @@ def plan(spec_path: Path = typer.Argument(..., metavar="SPEC"), overrides: Optio
         if mem:
             p.num_parameters = mem.get("num_parameters")
             p.memory_gb_per_gpu = mem.get("per_stage_gb", {})
+        # the recommended ranges for this model's size and method (plan.recommend)
+        p.warnings = hyperparameter_warnings(spec, p, p.num_parameters) + extra
+        from distsft.plan.estimate import for_plan
+        est = for_plan(spec, p, mem, device_name())
+        p.estimate = est.to_json() if est else None
         plots = _plots(spec, p, stats)
     if as_json:
         d = p.to_dict()
@@ -158,6 +167,7 @@ def _print_plan(spec: Any, p: Any, mem: dict[str, Any] | None, why: str | None, 
                 rows.append(("", f"{label}: {_gb(size['per_rank_gb'])} GB / rank, {_gb(size['per_node_gb'])} GB / node"))
     if not mem:
         rows.append(("memory / GPU", "unknown (the model's config is not readable here)"))
+    rows += _time_rows(p.estimate)
     for k, v in rows:
         t.add_row(k, v)
     out.print(t)
@@ -167,6 +177,18 @@ def _print_plan(spec: Any, p: Any, mem: dict[str, Any] | None, why: str | None, 
         out.print(literal("warning:", "yellow", w), soft_wrap=True)
     for f in plots:
         out.print(f"plot: {f}", markup=False)
+
+
+def _time_rows(e: dict[str, Any] | None) -> list[tuple[str, str]]:
+    from distsft.plan.estimate import duration
+    if not e:
+        return [("time", "unknown (neither the model's size nor a measured throughput is known here)")]
+    rows = [("throughput", f"{e['tokens_per_second_per_gpu']:,.0f} tokens/s per GPU ({e['basis']})")]
+    if e["hours"] is None:
+        return rows + [("time", "unknown until the data is read (tokens to train)")]
+    per_epoch = f"{duration(e['hours_per_epoch'])} per epoch, " if e.get("hours_per_epoch") else ""
+    return rows + [("time", f"~{per_epoch}~{duration(e['hours'])} for the run, {e['gpu_hours']:,.1f} GPU-hours "
+                            f"({e['source']})")]
 
 
 @app.command()
@@ -234,6 +256,20 @@ def sanity(spec_path: Path = typer.Argument(..., metavar="SPEC"), overrides: Opt
     """N steps (15) on a subset of every source: masking, falling loss, generation. PASS/WARN lines; exit 0 or 1."""
     from distsft.sanity import run_sanity
     _exit_with(run_sanity, str(spec_path), overrides or [], gpus, steps)
+
+
+@app.command()
+def init(model: str = typer.Option(..., "--model", help="a bundled family's hub id or name (e.g. Qwen/Qwen2.5-7B-Instruct), "
+                                                    "a hub id, or a local model directory with config.json"),
+         method: str = typer.Option("full", "--method", help="full, lora or qlora"),
+         nodes: int = typer.Option(1, "--nodes", min=1), gpus: int = typer.Option(1, "--gpus", min=1),
+         gpu_memory_gb: Optional[float] = typer.Option(None, "--gpu-memory-gb", help="GB per GPU (default: this "
+                                                       "machine's GPU, else 80)"),
+         data: Optional[list[str]] = typer.Option(None, "--data", help="training data file(s); format sniffed"),
+         out: Path = typer.Option(Path("run.yaml"), "--out", help="where to write the spec")) -> None:
+    """Write a commented spec for a model: hyperparameters by size and method, a backend and micro-batch that fit."""
+    from distsft.launch.init import run as run_init
+    _exit_with(run_init, model, method, nodes, gpus, gpu_memory_gb, data, str(out))
 
 
 def main() -> None:

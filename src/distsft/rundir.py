@@ -25,6 +25,12 @@ MERGED = "merged"  # train.recipe: checkpoint.save_merged's merged model
 LR_SCHEDULE_PNG = "lr_schedule.png"
 LENGTH_HISTOGRAM_PNG = "length_histogram.png"
 LOSS_CURVES_PNG = "loss_curves.png"
+# plan.estimate: measured tokens/s per GPU, one line per measurement (`distsft sanity` on the host, rank 0
+# at the end of every run), appended; `plan` reads it for the time estimate.
+THROUGHPUT = "throughput.jsonl"
+# train.autobatch: the micro-batch the GPU probe settled on for `per_device_train_batch_size: auto`
+# (rank 0 writes it; plan.fit reads it so a resume uses the same).
+AUTO_BATCH = "auto_batch.json"
 
 # ----------------------------------------------------------------- checkpoint/ (both sides)
 CHECKPOINT_PREFIX = "checkpoint-"  # checkpoint-STEP/: all ranks write, complete-or-absent

@@ -100,6 +100,20 @@ def _subset_batch(spec: RunSpec, rows: int) -> None:
         t.gradient_accumulation_steps = max(1, rows // 2 // unit)
 
 
+def _record_throughput(user: RunSpec, spec: RunSpec, recs: list[dict[str, Any]]) -> None:
+    """The measured tokens/s per GPU into the user's output directory, where `plan` finds it for the
+    time estimate (plan.estimate)."""
+    from distsft.plan import estimate
+    from distsft.runtime.hardware import device_name
+    world = spec.distributed.nodes * spec.distributed.gpus_per_node
+    tps = estimate.measured_throughput(recs, world)
+    if tps:
+        estimate.append_record(user.output_dir, estimate.make_record(
+            spec, "sanity", device_name(), world, tps, int(spec.train.per_device_train_batch_size)))
+        console.print(f"sanity: {tps:,.0f} tokens/s per GPU recorded in {user.output_dir} for `distsft plan`",
+                      style="dim", markup=False, highlight=False)
+
+
 def run_sanity(spec_path: str, overrides: list[str], gpus: int | None, steps: int = STEPS) -> int:
     user = load_spec(spec_path, overrides, gpus=gpus)
     out = Path(tempfile.mkdtemp(prefix="distsft-sanity-"))
@@ -118,6 +132,9 @@ def _rehearse(user: RunSpec, out: Path, gpus: int | None, steps: int) -> int:
     results += sanity_results(spec)  # template markers missing from the vocabulary (trl#1668)
     from distsft.train.stops import sanity_results as stop_results
     results += stop_results(spec)  # the template ends turns with a token generation does not stop on
+    if spec.train.per_device_train_batch_size == "auto":  # resolved once, for the subset's arithmetic
+        from distsft.plan.batch import batch_for
+        spec.train.per_device_train_batch_size = batch_for(spec).per_device_train_batch_size
     _subset_batch(spec, stats["num_rows"])
     spec_file = out / "sanity.yaml"
     dump_spec(spec, spec_file)
@@ -127,6 +144,8 @@ def _rehearse(user: RunSpec, out: Path, gpus: int | None, steps: int) -> int:
     code = launcher.run(str(spec_file), [], gpus)
     recs = read_metrics(spec.output_dir)
     losses = [r["loss"] for r in recs if "loss" in r]
+    if code == 0:
+        _record_throughput(user, spec, recs)
     if code != 0:
         results.append(("FAIL", f"training exited with code {code} (see the output above)"))
     else:

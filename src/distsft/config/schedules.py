@@ -48,17 +48,57 @@ def final_lr_note(train: Any) -> str:
 
 
 def lr_curve(spec: Any, total_steps: int, warmup_steps: int) -> list[float]:
-    """The learning rate of each optimizer step 1..total_steps, from the scheduler training builds
-    (HF logs `learning_rate` for step s before stepping the scheduler: the LR step s used)."""
-    import torch
-    from torch.optim.lr_scheduler import LambdaLR
-    from transformers import get_scheduler
-
+    """The learning rate of each optimizer step 1..total_steps, as the scheduler training builds it sets
+    it (HF logs `learning_rate` for step s before stepping the scheduler: the LR step s used)."""
     base = float(spec.train.learning_rate)
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base)
-    sched = get_scheduler(spec.train.lr_scheduler_type, opt, num_warmup_steps=warmup_steps,
-                          num_training_steps=total_steps,
-                          scheduler_specific_kwargs=scheduler_kwargs(spec.train, total_steps))
-    assert isinstance(sched, LambdaLR), "schedules.SCHEDULERS holds LambdaLR schedules only"
-    # What LambdaLR.step() sets before step s + 1, without stepping an optimizer 100k times.
-    return [base * sched.lr_lambdas[0](s) for s in range(total_steps)]
+    kwargs = scheduler_kwargs(spec.train, total_steps)
+    return [base * lr_factor(spec.train.lr_scheduler_type, s, warmup_steps, total_steps, kwargs, base)
+            for s in range(total_steps)]
+
+
+def lr_factor(name: str, step: int, warmup: int, total: int, kwargs: dict[str, Any] | None, base_lr: float) -> float:
+    """The multiplier HF's scheduler `name` applies to the peak LR at `step`: transformers'
+    optimization.py lambdas (5.x), in plain Python so that the plan's curve imports neither torch nor
+    transformers (whose optimization module imports PEFT and bitsandbytes). A test holds every name
+    equal to HF's get_scheduler."""
+    kw = kwargs or {}
+    if name == "constant":
+        return 1.0
+    if step < warmup and name != "warmup_stable_decay":
+        return float(step) / float(max(1, warmup))
+    progress = float(step - warmup) / float(max(1, total - warmup))
+    if name == "constant_with_warmup":
+        return 1.0
+    if name == "linear":
+        return max(0.0, float(total - step) / float(max(1, total - warmup)))
+    if name == "cosine":
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))
+    if name == "cosine_with_min_lr":
+        rate = kw.get("min_lr_rate", 0.0)
+        factor = 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress))
+        return max(0.0, factor * (1 - rate) + rate)
+    if name == "cosine_with_restarts":
+        if progress >= 1.0:
+            return 0.0
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * ((1.0 * progress) % 1.0))))
+    if name == "polynomial":
+        lr_end, power = 1e-7, 1.0
+        if step > total:
+            return lr_end / base_lr
+        remaining = 1 - (step - warmup) / (total - warmup)
+        return ((base_lr - lr_end) * remaining ** power + lr_end) / base_lr
+    if name == "inverse_sqrt":
+        timescale = warmup or 10_000
+        return 1.0 / math.sqrt((step + timescale - warmup) / timescale)
+    if name == "warmup_stable_decay":
+        ratio, decay = kw.get("min_lr_ratio", 0.0), kw["num_decay_steps"]
+        stable = total - warmup - decay
+        if step < warmup:
+            return max(0.0, float(step) / float(max(1, warmup)) * (1.0 - ratio) + ratio)
+        if step < warmup + stable:
+            return 1.0
+        if step < warmup + stable + decay:
+            p = float(step - warmup - stable) / float(max(1, decay))
+            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * p)) * (1.0 - ratio) + ratio)
+        return ratio
+    raise ValueError(f"no LR curve for scheduler {name!r}")

@@ -183,7 +183,9 @@ class PeftSpec(_Section):
 
 
 class TrainSpec(_Section):
-    per_device_train_batch_size: int = Field(1, ge=1)
+    # auto: the largest micro-batch the memory estimate fits on the GPU (plan.fit), accumulation derived
+    # so that global_batch_size stays exact; on a GPU a probe step confirms it (train.autobatch).
+    per_device_train_batch_size: int | Literal["auto"] = 1
     per_device_eval_batch_size: int | None = Field(None, ge=1)
     gradient_accumulation_steps: int | None = Field(None, ge=1)
     global_batch_size: int | None = Field(None, ge=1)
@@ -211,6 +213,13 @@ class TrainSpec(_Section):
     torch_compile: bool = False
     activation_offloading: bool = False  # TRL's: activations to CPU memory during forward (GPU only)
 
+    @field_validator("per_device_train_batch_size", mode="before")
+    @classmethod
+    def _micro(cls, v: Any) -> Any:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            return v
+        raise ValueError("must be a positive integer or auto")
+
     @field_validator("optim")
     @classmethod
     def _optim(cls, v: str) -> str:
@@ -230,6 +239,9 @@ class TrainSpec(_Section):
         if self.lr_scheduler_type == "warmup_stable_decay" and self.warmup_ratio + decay > 1.0:
             raise ValueError(f"train.warmup_ratio ({self.warmup_ratio}) + train.decay_ratio ({decay}) "
                              "exceed 1: warmup and decay would overlap")
+        if self.per_device_train_batch_size == "auto" and self.global_batch_size is None:
+            raise ValueError("train.per_device_train_batch_size: auto needs train.global_batch_size (the micro-batch "
+                             "is chosen to fit and the accumulation derived, so the global batch stays exact)")
         if self.gradient_accumulation_steps is not None and self.global_batch_size is not None:
             raise ValueError(
                 "set at most one of train.gradient_accumulation_steps and train.global_batch_size "
@@ -258,6 +270,9 @@ class DistributedSpec(_Section):
     timeout_minutes: int = Field(30, ge=1)
     # GPUs that share one sequence (Ulysses under deepspeed, ring attention under fsdp; config.seqpar).
     sequence_parallel_size: int = Field(1, ge=1)
+    # GiB per GPU, for planning on a machine without the job's GPUs (`per_device_train_batch_size: auto`,
+    # distsft init); where the ranks run their GPU is measured instead when this is not set.
+    gpu_memory_gb: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> "DistributedSpec":

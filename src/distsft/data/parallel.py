@@ -25,6 +25,7 @@ import numpy as np
 from distsft.data.overlong import apply_overlong
 from distsft.data.drops import merge as merge_drops
 from distsft.data.sources import Chunk, Reader, chunk_records
+from distsft.errors import SpecError
 from distsft.runtime import envvars
 
 _IN_FLIGHT_PER_WORKER = 2
@@ -96,7 +97,6 @@ def rename_columns(pairs: list, columns: dict[str, str], name: str) -> list:
             continue  # the format names the problem
         for new, old in columns.items():
             if old not in rec:
-                from distsft.errors import SpecError
                 raise SpecError(f"{where}: no column {old!r} ({name}: columns maps {new!r} to it); "
                                 f"keys are {sorted(rec)}")
             rec[new] = rec.pop(old)
@@ -106,11 +106,16 @@ def rename_columns(pairs: list, columns: dict[str, str], name: str) -> list:
 def encode_chunk(task: tuple[int, Chunk, dict[str, str], str, np.ndarray | None]) -> tuple:
     """One chunk: read, rename columns, repeat/skip records, encode, handle overlong examples."""
     spec_i, chunk, columns, name, mult = task
-    pairs = rename_columns(chunk_records(chunk), columns, name)
-    if mult is not None:
-        pairs = [p for p, k in zip(pairs, mult.tolist()) for _ in range(k)]
-    spec = _WORKER["specs"][spec_i][0]
-    enc = _encoder(spec_i)(pairs)
+    try:
+        pairs = rename_columns(chunk_records(chunk), columns, name)
+        if mult is not None:
+            pairs = [p for p, k in zip(pairs, mult.tolist()) for _ in range(k)]
+        spec = _WORKER["specs"][spec_i][0]
+        enc = _encoder(spec_i)(pairs)
+    except SpecError as exc:  # the row's error names file:line; say which source of the mixture too
+        if str(exc).startswith(name):
+            raise
+        raise SpecError(f"{name}: {exc}") from None
     tok, stats = apply_overlong(enc.input_ids, enc.labels.copy(), enc.lengths, spec, enc.wheres)
     stats["template_drops"] = enc.template_drops
     return (tok["input_ids"].astype(np.int32, copy=False), tok["labels"].astype(np.int32, copy=False),

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from distsft.errors import SpecError
+from distsft.errors import NotReachable, SpecError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _DATA_EXT = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".arrow")
@@ -179,7 +179,9 @@ class Reader:
         datasets.disable_progress_bars()
         try:
             ds = datasets.load_dataset(name, self.subset, split=self.split, revision=revision)
-        except Exception as exc:  # noqa: BLE001 - every way this fails is the user's source
+        except ConnectionError as exc:  # offline, or the hub does not answer: not the user's mistake
+            raise NotReachable(self._hub_error(exc)) from None
+        except Exception as exc:  # noqa: BLE001 - every other way this fails is the user's source
             raise SpecError(self._hub_error(exc)) from None
         finally:
             if not quiet:

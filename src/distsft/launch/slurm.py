@@ -254,11 +254,34 @@ def _sbatch_message(exc: BaseException) -> str:
     return lines[-1] if lines else type(exc).__name__
 
 
+def _check_auto_batch(spec: Any) -> None:
+    """`per_device_train_batch_size: auto` is resolved here, before the job is queued, and recorded in
+    run.yaml: from distributed.gpu_memory_gb or this host's GPU, never from a login node's RAM."""
+    from distsft.runtime.hardware import gpu_memory_gb
+    if spec.train.per_device_train_batch_size == "auto" and not spec.distributed.gpu_memory_gb and not gpu_memory_gb():
+        raise SpecError("train.per_device_train_batch_size: auto: this host has no GPU to measure; set "
+                        "distributed.gpu_memory_gb to the memory of the job's GPUs (GB), or a number")
+
+
+def _time_limit_warning(spec: Any, plan: Any) -> None:
+    """The run's estimated time (plan.estimate; measured when a record exists) against slurm.time_min:
+    requeued N times, which is fine, or it will not finish."""
+    from distsft.plan import estimate
+    from distsft.plan.memory import estimate as memory_estimate
+    est = estimate.for_plan(spec, plan, memory_estimate(spec, plan), device=None)  # the job's GPUs are not here
+    if est is None or est.hours is None:
+        return
+    warning = estimate.time_limit_warning(est.hours, spec.slurm.time_min, spec.slurm.max_requeues)
+    if warning:
+        print(f"warning: {warning} ({est.source} estimate: {est.basis})", flush=True)
+
+
 def submit(spec_path: str, overrides: list[str], nodes: int | None, gpus: int | None, wait: bool,
            dry_run: bool, prepare: bool = True) -> int:
     from distsft.plan.report import make_plan
     from distsft.launch.run_files import write_run_dir
     spec = load_spec(spec_path, overrides, nodes=nodes, gpus=gpus)
+    _check_auto_batch(spec)
     plan = make_plan(spec)  # an indivisible global batch stops here, before anything is queued
     if not dry_run and (shutil.which("sbatch") is None or shutil.which("srun") is None):
         raise SpecError("no `sbatch` on PATH: this machine is not a SLURM submit host. Train on this machine "
@@ -286,6 +309,7 @@ def submit(spec_path: str, overrides: list[str], nodes: int | None, gpus: int | 
         stats = build_caches(spec)
         plan = make_plan(spec, stats["train"])
         print("\n".join(describe(stats)), flush=True)
+        _time_limit_warning(spec, plan)
     lock = OutputLock(out)
     lock.acquire()  # refuse at once if a job on this machine trains into the same output_dir
     try:

@@ -67,7 +67,11 @@ def resolve_batch(micro: int, world: int, accum: int | None = None, global_batch
 def batch_for(spec: RunSpec, world_size: int | None = None) -> Batch:
     world = world_size or spec.distributed.nodes * spec.distributed.gpus_per_node
     t = spec.train
-    return resolve_batch(t.per_device_train_batch_size, world, t.gradient_accumulation_steps, t.global_batch_size,
+    micro = t.per_device_train_batch_size
+    if micro == "auto":  # the largest that fits, from the memory estimate (plan.fit)
+        from distsft.plan.fit import auto_micro
+        micro = auto_micro(spec, world)
+    return resolve_batch(micro, world, t.gradient_accumulation_steps, t.global_batch_size,
                          spec.distributed.sequence_parallel_size)
 
 
@@ -78,6 +82,7 @@ def pin_global_batch(spec: RunSpec) -> RunSpec:
     out = spec.model_copy(deep=True)
     out.train.gradient_accumulation_steps = None
     out.train.global_batch_size = b.global_batch_size
+    out.train.per_device_train_batch_size = b.per_device_train_batch_size  # `auto` as resolved, for a resume
     return out
 
 

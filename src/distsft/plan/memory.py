@@ -14,10 +14,11 @@ parameters and find the linear layers. Anything that cannot be read gives None (
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from distsft.plan import ckpt_size
-from distsft.plan.report import Plan
+if TYPE_CHECKING:  # only a type here: plan.report -> plan.batch -> plan.fit (auto) -> plan.memory
+    from distsft.plan.report import Plan
 from distsft.config.spec import RunSpec
 
 GIB = 2**30
@@ -53,19 +54,38 @@ class ModelShape:
     vocab_size: int
     # (module name, in_features, out_features) of every nn.Linear except the output projection (lm_head).
     linear_layers: tuple[tuple[str, int, int], ...]
+    # Parameters that multiply (all but an input embedding not tied to the head): FLOPs per token.
+    matmul_parameters: int | None = None
+
+
+def _config(name_or_path: str, trust_remote_code: bool, local_files_only: bool, config: dict[str, Any] | None) -> Any:
+    """The model's config: the dict given, else its config.json (local or cached), else the one bundled
+    with distsft (plan.models), so that a hub id plans offline without a download."""
+    from transformers import AutoConfig
+    if config is not None:
+        return AutoConfig.for_model(**dict(config))
+    try:
+        return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code,
+                                          local_files_only=local_files_only)
+    except Exception:
+        from distsft.plan.models import lookup
+        bundled = lookup(name_or_path)
+        if bundled is None:
+            raise
+        return AutoConfig.for_model(**dict(bundled.config))
 
 
 def model_shape(name_or_path: str, trust_remote_code: bool = False,
-                local_files_only: bool = True) -> ModelShape | None:
-    """Shape of a causal LM from its config alone. `local_files_only` (default) avoids the hub: an
-    unreachable hub costs ~25 s of retries before failing, too slow for a plan."""
+                local_files_only: bool = True, config: dict[str, Any] | None = None) -> ModelShape | None:
+    """Shape of a causal LM from its config alone (`config`, a config.json's contents, when given).
+    `local_files_only` (default) avoids the hub: an unreachable hub costs ~25 s of retries before
+    failing, too slow for a plan."""
     try:
         import torch.nn as nn
         from accelerate import init_empty_weights
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
 
-        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code,
-                                            local_files_only=local_files_only)
+        config = _config(name_or_path, trust_remote_code, local_files_only, config)
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
         # from_config leaves tied weights (lm_head = embedding) untied on the meta device; tying inside
@@ -78,8 +98,10 @@ def model_shape(name_or_path: str, trust_remote_code: bool = False,
         largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
         linears = tuple((name, m.in_features, m.out_features) for name, m in model.named_modules()
                         if isinstance(m, nn.Linear) and m is not output)
+        emb = model.get_input_embeddings().weight
+        lookup = 0 if emb is getattr(output, "weight", None) else emb.numel()
         return ModelShape(total, largest, int(text.hidden_size), int(text.num_hidden_layers),
-                          int(text.vocab_size), linears)
+                          int(text.vocab_size), linears, matmul_parameters=total - lookup)
     except Exception:  # offline hub id, gated repo, unknown architecture: the plan shows "unknown"
         return None
 
@@ -100,8 +122,9 @@ def trainable_states_bytes(params: int, largest_layer: int, stage: int, offload_
                            offload_params: bool, gpus_per_node: int, nodes: int) -> tuple[int, int]:
     """(GPU bytes per GPU, CPU bytes per node) for weights + grads + Adam states of `params`
     trainable parameters."""
-    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+    # DeepSpeed's own accounting, without importing DeepSpeed (seconds, and a notice on every plan).
+    from distsft.plan.zero_states import zero2 as estimate_zero2_model_states_mem_needs
+    from distsft.plan.zero_states import zero3 as estimate_zero3_model_states_mem_needs
 
     world = gpus_per_node * nodes
     if stage == 0:
@@ -188,9 +211,12 @@ def estimate(spec: RunSpec, plan: Plan | None = None, *, shape: ModelShape | Non
     d = spec.distributed
     world = plan.world_size if plan else d.nodes * d.gpus_per_node
     bytes_per_value = 4 if spec.train.bf16 is False and not spec.train.fp16 else 2
+    micro = spec.train.per_device_train_batch_size
+    if micro == "auto":  # the plan holds what auto resolved to
+        micro = plan.per_device_train_batch_size if plan else 1
     # Sequence parallelism: each GPU of a group holds 1/S of the row's tokens (and their activations).
     S = d.sequence_parallel_size
-    act = activation_bytes(shape, spec.train.per_device_train_batch_size, -(-spec.data.max_length // S),
+    act = activation_bytes(shape, micro, -(-spec.data.max_length // S),
                            spec.train.gradient_checkpointing, bytes_per_value)
     per_stage = {}
     for label, (stage, opt, par) in STAGES.items():
@@ -200,6 +226,7 @@ def estimate(spec: RunSpec, plan: Plan | None = None, *, shape: ModelShape | Non
     return {
         "num_parameters": shape.num_parameters,
         "trainable_parameters": trainable,
+        "matmul_parameters": shape.matmul_parameters,
         "model_states_gb": _gib(gpu),
         "activations_gb": _gib(act),
         "total_gb": _gib(gpu + act),

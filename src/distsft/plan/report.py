@@ -38,6 +38,8 @@ class Plan:
     tokens_per_gpu_per_micro_batch: int | None = None
     activation_share: float = 1.0
     num_parameters: int | None = None
+    # plan.estimate: {tokens_per_second_per_gpu, source: measured|assumed, hours, gpu_hours, ...}
+    estimate: dict[str, Any] | None = None
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -79,23 +81,20 @@ def make_plan(spec: RunSpec, data_stats: dict[str, Any] | None = None) -> Plan:
 
 
 def hyperparameter_warnings(spec: RunSpec, plan: Plan, num_parameters: int | None = None) -> list[str]:
-    """Hints, never failures: values far outside what usually works for SFT."""
-    t, w = spec.train, []
-    lr = float(t.learning_rate or 0.0)
+    """Hints, never failures: each hyperparameter outside the recommended range for the model's size
+    and method (plan.recommend, the one table), and values far outside what usually works for SFT."""
+    from distsft.plan.recommend import warnings as table_warnings
+    t = spec.train
+    w = table_warnings(spec, num_parameters, plan.global_batch_size)
     lora = spec.peft.method != "none"
-    lo, hi = (1e-5, 1e-3) if lora else (1e-6, 1e-4)
-    if num_parameters and not lora and num_parameters > 30e9:
-        hi = 2e-5
-    if lr and not lo / 10 <= lr <= hi * 10:
-        w.append(f"train.learning_rate={lr:g} is far outside the usual SFT range {lo:g}–{hi:g} "
-                 f"for {'LoRA' if lora else 'full fine-tuning'}")
-    if t.warmup_ratio > 0.3:
+    said = " ".join(w)  # the table's range warning, when there is one, says it already
+    if t.warmup_ratio > 0.3 and "train.warmup_ratio" not in said:
         w.append(f"train.warmup_ratio={t.warmup_ratio} is long; SFT usually warms up over 1–10% of steps")
-    if t.weight_decay > 0.3:
+    if t.weight_decay > 0.3 and "train.weight_decay" not in said:
         w.append(f"train.weight_decay={t.weight_decay} is unusually high for SFT (typical 0–0.1)")
     if t.max_grad_norm == 0:
         w.append("train.max_grad_norm=0 disables gradient clipping; 1.0 is the usual SFT setting")
-    if plan.global_batch_size > 2048:
+    if plan.global_batch_size > 2048 and "effective batch" not in said:
         w.append(f"global batch {plan.global_batch_size} is very large for SFT (typical 16–512)")
     if plan.total_steps is not None and plan.total_steps < 10:
         w.append(f"only {plan.total_steps} optimizer steps: the schedule (warmup, decay) barely applies")

@@ -39,6 +39,28 @@ def device_count() -> int:
     return torch.cuda.device_count()
 
 
+def device_name() -> str:
+    """The accelerator the ranks here would run on: CUDA device 0's name, or "cpu"."""
+    if not cuda_info()[0]:
+        return "cpu"
+    import torch
+    return torch.cuda.get_device_name(0)
+
+
+def gpu_memory_gb() -> float | None:
+    """GiB of CUDA device 0, or None without CUDA."""
+    if not cuda_info()[0]:
+        return None
+    import torch
+    return torch.cuda.get_device_properties(0).total_memory / 2**30
+
+
+def host_memory_gb() -> float:
+    """GiB of this machine's RAM (what CPU ranks share when there is no GPU)."""
+    import psutil
+    return psutil.virtual_memory().total / 2**30
+
+
 def choose_attn(requested: str) -> str:
     """auto: flash_attention_2 on CUDA sm80+ when flash-attn is installed, else sdpa."""
     from distsft.errors import SpecError

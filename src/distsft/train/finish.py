@@ -68,11 +68,24 @@ def finish(r: Any) -> int:
             from distsft.train.stops import write_generation_config
             write_generation_config(trainer.model, r.out, r.out / rundir.MERGED)
         _summary(r, step)
+        _record_throughput(r)
         from distsft.observe.plots import run_end_plots
         for path in run_end_plots(r.out, r.ctx.history):
             print(f"  plot             {path}", flush=True)
     dist.barrier()
     return 0
+
+
+def _record_throughput(r: Any) -> None:
+    """This run's measured tokens/s per GPU, for the next `distsft plan` of the same model on the same
+    hardware (plan.estimate reads OUTPUT_DIR/throughput.jsonl)."""
+    from distsft.plan import estimate
+    from distsft.runtime.hardware import device_name
+    world = r.batch.world_size
+    tps = estimate.measured_throughput([h for h in r.ctx.history if "loss" in h], world)
+    if tps:
+        estimate.append_record(r.out, estimate.make_record(r.spec, "run", device_name(), world, tps,
+                                                           r.batch.per_device_train_batch_size))
 
 
 def _summary(r: Any, steps: int) -> None:

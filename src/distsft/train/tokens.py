@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from distsft.errors import SpecError
+from distsft.errors import NotReachable, SpecError
 
 # Marker shapes that chat templates use for control tokens: <|...|> (ChatML, Llama-3, Phi, ...), the
 # full-width variant <｜...｜> (DeepSeek) and snake_case tags such as <start_of_turn> (Gemma). Not
@@ -23,13 +23,23 @@ _MARKER = re.compile(r"<\|[^|<>\s]{1,64}\|>|<｜[^｜<>\s]{1,64}｜>|<[A-Za-z]+(
 KEY = "model.add_special_tokens"
 
 
+def _hub_id_not_here(name: str) -> bool:
+    """`org/name` with no such local path: a hub id (a mistyped local path starts with . / or ~)."""
+    from pathlib import Path
+    return (bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name)) and not Path(name).exists())
+
+
 def load_tokenizer(spec: Any, local_files_only: bool = False) -> Any:
     from transformers import AutoTokenizer
     try:
         tok = AutoTokenizer.from_pretrained(spec.model.name_or_path, local_files_only=local_files_only,
                                             trust_remote_code=spec.model.trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise SpecError(f"model.name_or_path: cannot load a tokenizer from {spec.model.name_or_path!r}: "
+        name = spec.model.name_or_path
+        if _hub_id_not_here(name) and (local_files_only or isinstance(exc, ConnectionError)):
+            raise NotReachable(f"model.name_or_path: {name!r} is a hub model that is not in the local cache "
+                               "(plan reads local files and the cache only)") from None
+        raise SpecError(f"model.name_or_path: cannot load a tokenizer from {name!r}: "
                         f"{str(exc).splitlines()[0]}") from None
     if tok.pad_token is None:
         # Padding positions carry label -100 and are masked, so any token id serves.
