@@ -87,8 +87,11 @@ def plan(spec_path: Path = typer.Argument(..., metavar="SPEC"), overrides: Optio
         if mem:
             p.num_parameters = mem.get("num_parameters")
             p.memory_gb_per_gpu = mem.get("per_stage_gb", {})
-        # the recommended ranges for this model's size and method (plan.recommend)
-        p.warnings = hyperparameter_warnings(spec, p, p.num_parameters) + extra
+        # the recommended ranges for this model's size and method (plan.recommend), now that the size is
+        # known; make_plan's other warnings (sequence layout, positions) stay
+        sized = hyperparameter_warnings(spec, p)
+        p.warnings = (hyperparameter_warnings(spec, p, p.num_parameters)
+                      + [w for w in p.warnings if w not in sized] + extra)
         from distsft.plan.estimate import for_plan
         est = for_plan(spec, p, mem, device_name())
         p.estimate = est.to_json() if est else None
