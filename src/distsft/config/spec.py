@@ -273,9 +273,15 @@ class DistributedSpec(_Section):
     # GiB per GPU, for planning on a machine without the job's GPUs (`per_device_train_batch_size: auto`,
     # distsft init); where the ranks run their GPU is measured instead when this is not set.
     gpu_memory_gb: float | None = Field(None, gt=0)
+    # FSDP2 with gradient accumulation: reduce-scatter every micro-batch (None/true, the default) instead
+    # of holding the whole unsharded gradient until the step (false: fewer collectives, +2 B/param).
+    sync_each_batch: bool | None = None
 
     @model_validator(mode="after")
     def _check(self) -> "DistributedSpec":
+        if self.sync_each_batch is not None and self.backend != "fsdp":
+            raise ValueError("distributed.sync_each_batch is an FSDP2 setting (distributed.backend: fsdp); DDP "
+                             "and DeepSpeed accumulate gradients their own way")
         if self.backend == "ddp":
             if self.zero_stage not in (None, 0):
                 raise ValueError(f"distributed.zero_stage={self.zero_stage} needs distributed.backend: deepspeed")
@@ -324,8 +330,15 @@ class SlurmSpec(_Section):
     qos: str | None = None
     time_min: int = Field(60, ge=1)
     constraint: str | None = None
+    # Unset: derived from the partition's nodes (launch.slurm_resources); explicit values win.
     mem_gb: int | None = Field(None, ge=1)
     cpus_per_task: int | None = Field(None, ge=1)
+    # --gpus-per-node: true/false, or unset: when the partition's nodes have a gpu GRES. Whether a rank
+    # trains on a GPU is decided in the rank from what it sees either way.
+    request_gpus: bool | None = None
+    # GB/s per node the checkpoint file system sustains: checks a save fits in signal_delay_s
+    # (plan.preempt_window); unset: an assumed speed, and only a warning.
+    checkpoint_write_gbps: float | None = Field(None, gt=0)
     # The only spec value that runs as shell: lines run before training (module load, conda activate).
     setup: list[str] = Field(default_factory=list)
     max_requeues: int = Field(3, ge=0)

@@ -33,7 +33,7 @@ def sft_config(r: Any) -> Any:
         **option_args(spec),
         seed=t.seed, data_seed=t.seed, bf16=r.precision == "bf16", fp16=r.precision == "fp16",
         # FSDP2 full fine-tuning checkpoints with FSDP's own wrapper instead (fsdp.accelerate_fsdp_config).
-        **checkpointing_args(uses_hf_checkpointing(spec)), **_fsdp_args(spec),
+        **checkpointing_args(uses_hf_checkpointing(spec)), **_fsdp_args(spec, batch.gradient_accumulation_steps),
         logging_steps=spec.logging.logging_steps, report_to="none", disable_tqdm=True,
         save_strategy="steps" if spec.checkpoint.save_steps else "no", save_steps=spec.checkpoint.save_steps or 500,
         save_total_limit=None,  # distsft rotates, and never removes the newest complete checkpoint
@@ -79,11 +79,13 @@ def _parallelism(r: Any) -> Any:
     return ParallelismConfig(dp_shard_size=r.batch.data_parallel_size, cp_size=S, cp_backend="torch")
 
 
-def _fsdp_args(spec: Any) -> dict[str, Any]:
-    """FSDP2's plugin arguments; the layer classes are filled in from the loaded model (fsdp.wrap_layers_of)
-    before the Trainer builds accelerate's FSDP plugin from them."""
+def _fsdp_args(spec: Any, accumulation: int) -> dict[str, Any]:
+    """FSDP2's plugin arguments, and sync_each_batch for gradient accumulation (fsdp.sync_each_batch);
+    the layer classes and the mixed-precision policy are filled in from the loaded model
+    (fsdp.wrap_layers_of) before the Trainer builds accelerate's FSDP plugin from them."""
     if spec.distributed.backend != "fsdp":
         return {}
     from distsft.train import fsdp
     fsdp.allow_cpu_fsdp()  # CPU ranks only; patches nothing where there is an accelerator
-    return {"fsdp": True, "fsdp_config": fsdp.trainer_fsdp_config(spec, [])}
+    extra = {"accelerator_config": acc} if (acc := fsdp.accelerator_config(spec, accumulation)) else {}
+    return {"fsdp": True, "fsdp_config": fsdp.trainer_fsdp_config(spec, []), **extra}

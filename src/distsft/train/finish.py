@@ -55,9 +55,13 @@ def finish(r: Any) -> int:
         trainer.evaluate()  # eval sets without train.eval_steps: once, at the end (all ranks: a collective)
     if spec.distributed.backend == "fsdp":
         from distsft.train.fsdp import save_consolidated
-        save_consolidated(trainer, str(r.out))  # checkpoints are sharded; the final model is not
+        save_consolidated(trainer, str(r.out), r.precision)  # checkpoints are sharded; the final model is not
     else:
         trainer.save_model(str(r.out))
+    # The last collective: once the model is on disk every rank may leave. What follows is rank 0's
+    # alone (the merge can take longer than the collective timeout at 70B, and the other ranks no
+    # longer wait for it in a barrier that would time out and take rank 0 down with them).
+    dist.barrier()
     if e.is_main:
         if spec.checkpoint.save_merged and spec.peft.method != "none":
             import torch
@@ -72,7 +76,6 @@ def finish(r: Any) -> int:
         from distsft.observe.plots import run_end_plots
         for path in run_end_plots(r.out, r.ctx.history):
             print(f"  plot             {path}", flush=True)
-    dist.barrier()
     return 0
 
 

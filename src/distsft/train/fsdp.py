@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from distsft.config.spec import RunSpec
+from distsft.errors import SpecError
 
 STATE_DICT_TYPE = "SHARDED_STATE_DICT"
 
@@ -68,9 +69,10 @@ def accelerate_fsdp_config(spec: RunSpec, layers: list[str] | None) -> dict[str,
         # saves empty adapters (final and DCP checkpoints alike); there HF's own checkpointing is used
         # (see uses_hf_checkpointing).
         "fsdp_activation_checkpointing": t.gradient_checkpointing and spec.peft.method == "none",
-        # Every rank loads the weights itself before sharding (HF's rank-0-only loading needs the model
-        # to be created inside the Trainer, which distsft does not do).
-        "fsdp_cpu_ram_efficient_loading": False,
+        # Rank 0 alone reads the weights; the other ranks build the model on meta and accelerate
+        # broadcasts rank 0's values into their shards (train.rank0_load). Not for QLoRA: accelerate
+        # skips this path for bitsandbytes' 4-bit parameters, so every rank loads its 4-bit copy.
+        "fsdp_cpu_ram_efficient_loading": spec.peft.method != "qlora",
     })
     return cfg
 
@@ -93,16 +95,53 @@ def trainer_fsdp_config(spec: RunSpec, layers: list[str]) -> dict[str, Any]:
             "cpu_ram_efficient_loading": acc["fsdp_cpu_ram_efficient_loading"]}
 
 
-def wrap_layers_of(args: Any, model: Any) -> list[str]:
-    """Set the classes FSDP2 wraps from the loaded model into TrainingArguments' FSDP plugin arguments
-    (read when the Trainer creates its Accelerator); returns them."""
+def sync_each_batch(spec: RunSpec, accumulation: int) -> bool:
+    """Reduce-scatter every micro-batch's gradients instead of accumulating unsharded ones.
+
+    HF's trainer runs every micro-batch but the last under `accelerator.no_sync`; under FSDP2 that is
+    `set_requires_gradient_sync(False)`, which keeps each rank's *unsharded* gradient of the whole model
+    until the optimizer step (+2 B/param per GPU in bf16: +16 GB at 8B). accelerate's
+    `GradientAccumulationPlugin(sync_each_batch=True)`, which HF's loop reads, skips `no_sync`: each
+    micro-batch's gradients are reduce-scattered and accumulated into the fp32 shards (more
+    communication, the same memory as no accumulation). On by default under FSDP2 with accumulation;
+    `distributed.sync_each_batch: false` trades the memory (plan.memory counts it) for fewer collectives."""
+    return (spec.distributed.backend == "fsdp" and accumulation > 1
+            and spec.distributed.sync_each_batch is not False)
+
+
+def accelerator_config(spec: RunSpec, accumulation: int) -> dict[str, Any] | None:
+    """TrainingArguments.accelerator_config carrying sync_each_batch, when it applies."""
+    if not sync_each_batch(spec, accumulation):
+        return None
+    return {"gradient_accumulation_kwargs": {"sync_each_batch": True}}
+
+
+def mixed_precision_policy(precision: str) -> dict[str, Any] | None:
+    """FSDP2's MixedPrecisionPolicy with fp32 gradient reduction. accelerate's default for bf16 is
+    param/reduce/output all bf16 (`FullyShardedDataParallelPlugin.set_mixed_precision`): gradients are
+    reduce-scattered and summed across ranks in bf16. Here the compute stays bf16/fp16 and the
+    reduce-scatter runs in fp32 into the fp32 sharded gradients (with sync_each_batch the accumulation
+    over micro-batches is fp32 too). None without mixed precision."""
+    import torch
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if dtype is None:
+        return None
+    return {"param_dtype": dtype, "reduce_dtype": torch.float32, "output_dtype": dtype}
+
+
+def wrap_layers_of(args: Any, model: Any, precision: str = "no") -> list[str]:
+    """Complete TrainingArguments' FSDP plugin arguments from the loaded model (read when the Trainer
+    creates its Accelerator): the classes FSDP2 wraps, and the mixed-precision policy (fp32
+    reduction), which TrainingArguments' fsdp_config has no key for. Returns the classes."""
     layers = layer_classes(model)
     if not layers:
-        from distsft.errors import SpecError
         raise SpecError(f"distributed.backend=fsdp: found no decoder layer class in {type(model).__name__} "
                         "(no _no_split_modules and no nn.ModuleList of blocks) to shard")
     args.fsdp_config["transformer_layer_cls_to_wrap"] = layers
     args.fsdp_plugin_args["transformer_cls_names_to_wrap"] = ",".join(layers)
+    policy = mixed_precision_policy(precision)
+    if policy is not None:
+        args.fsdp_plugin_args["mixed_precision_policy"] = policy
     return layers
 
 
@@ -137,12 +176,8 @@ def allow_cpu_fsdp() -> bool:
     return True
 
 
-def save_consolidated(trainer: Any, output_dir: str) -> None:
-    """The final model as HF safetensors (the adapter for LoRA/QLoRA): every rank takes part in gathering
-    the full state dict (to CPU, rank 0 keeps it), rank 0 writes. Only here; checkpoints stay sharded."""
-    plugin = trainer.accelerator.state.fsdp_plugin
-    plugin.set_state_dict_type("FULL_STATE_DICT")
-    try:
-        trainer.save_model(output_dir)
-    finally:
-        plugin.set_state_dict_type(STATE_DICT_TYPE)
+def save_consolidated(trainer: Any, output_dir: str, precision: str = "no") -> None:
+    """The final model as HF safetensors (the adapter for LoRA/QLoRA), gathered in the training dtype
+    (train.fsdp_save). Only here; checkpoints stay sharded."""
+    from distsft.train.fsdp_save import save_consolidated as save
+    save(trainer, output_dir, precision)

@@ -81,8 +81,16 @@ def load_model(spec: RunSpec, precision: str, attn: str, device: torch.device, t
         kwargs["dtype"] = torch.bfloat16
         if spec.distributed.backend != "deepspeed" or not sharded:
             kwargs["device_map"] = {"": device}  # ZeRO-3 places (partitions) the weights itself
+    from distsft.runtime import dist
+    from distsft.train import rank0_load
+    e = dist.env()
+    loads = rank0_load.loads_weights(spec.distributed.backend, spec.peft.method, e.world_size, e.rank)
     try:
-        model = AutoModelForCausalLM.from_pretrained(spec.model.name_or_path, **kwargs)
+        if loads:
+            model = AutoModelForCausalLM.from_pretrained(spec.model.name_or_path, **kwargs)
+        else:  # FSDP2: rank 0's values reach this rank's shards when accelerate prepares the model
+            model = rank0_load.empty_model(spec.model.name_or_path, kwargs["dtype"], attn,
+                                           spec.model.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise SpecError(f"model.name_or_path: cannot load {spec.model.name_or_path!r}: "
                         f"{str(exc).splitlines()[0]}") from None

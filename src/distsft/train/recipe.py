@@ -229,7 +229,7 @@ def build_model(r: Rank) -> None:
     r.stop_ids = carry_turn_end(r.model, r.tokenizer, r.spec)  # stop where the template ends turns
     if r.spec.distributed.backend == "fsdp":
         from distsft.train.fsdp import wrap_layers_of
-        dist.print0(f"fsdp: one FSDP2 unit per {', '.join(wrap_layers_of(r.args, r.model))}")
+        dist.print0(f"fsdp: one FSDP2 unit per {', '.join(wrap_layers_of(r.args, r.model, r.precision))}")
 
 
 def build_trainer(r: Rank) -> None:
