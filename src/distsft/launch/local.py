@@ -42,9 +42,9 @@ def ready_for_ranks(spec: RunSpec, cuda: bool) -> dict[str, Any]:
         convert_if_needed(resume, batch_for(spec).world_size)
     preflight.check(spec)
     if spec.peft.method == "qlora":
-        import torch
-        from distsft.train.model import check_qlora_runs
-        check_qlora_runs(torch.device("cuda" if cuda else "cpu"))
+        # In a child process: the probe's CUDA context on GPU 0 would stay with this launcher for the run.
+        from distsft.launch.qlora_probe import probe
+        probe("cuda" if cuda else "cpu")
     stats = _cached_stats(spec)
     if stats is None:
         from distsft.runtime.console import configure_logging

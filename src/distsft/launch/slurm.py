@@ -186,44 +186,47 @@ def _preempted_step(out: Path) -> str | None:
 
 # ------------------------------------------------------------------------------------------ submission
 
-def _cluster_has_gpus(partition: str | None = None) -> bool | None:
-    """Whether the (partition's) nodes have GPUs (gres gpu); None when sinfo is not there to ask."""
-    try:
-        out = subprocess.run(["sinfo", "-h", "-o", "%G", *(["-p", partition] if partition else [])],
-                             capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return "gpu" in out
-
-
-def sbatch_parameters(spec: RunSpec, gpus_on_nodes: bool) -> dict[str, Any]:
-    """Parameters of submitit's SlurmExecutor (the names of its sbatch string builder)."""
+def sbatch_parameters(spec: RunSpec, res: dict[str, Any]) -> dict[str, Any]:
+    """Parameters of submitit's SlurmExecutor (the names of its sbatch string builder); `res`: GPUs,
+    CPUs per rank and memory from launch.slurm_resources."""
     s, d = spec.slurm, spec.distributed
     params: dict[str, Any] = {
         "job_name": s.job_name, "nodes": d.nodes, "ntasks_per_node": d.gpus_per_node, "time": s.time_min,
         "signal_delay_s": s.signal_delay_s, "srun_args": list(SRUN_ARGS),
         "additional_parameters": {"requeue": True, **s.additional_parameters},
     }
-    if gpus_on_nodes:
-        params["gpus_per_node"] = d.gpus_per_node
+    params.update({k: v for k, v in res.items() if k != "notes"})
+    if "gpus_per_node" in res:
+        # Every task sees all of its node's GPUs and picks its own (runtime.devices.device_index); a
+        # site default that binds one GPU per task is handled there too, but hides peers from NCCL's P2P.
+        params["additional_parameters"]["gpu_bind"] = "none"
     for key, value in (("partition", s.partition), ("account", s.account), ("qos", s.qos),
-                       ("constraint", s.constraint), ("cpus_per_task", s.cpus_per_task)):
+                       ("constraint", s.constraint)):
         if value is not None:
             params[key] = value
-    if s.mem_gb is not None:
-        params["mem"] = f"{s.mem_gb}GB"
     if s.setup:
         params["setup"] = list(s.setup)
     return params
 
 
-def rank_env(spec: RunSpec, gpus_on_nodes: bool) -> dict[str, str]:
-    """What `distsft run` gives its ranks besides the rank variables (see render.launch_env)."""
-    from distsft.launch.run_files import launch_env
-    extra = dict(launch_env(spec, gpus_on_nodes))
-    if not gpus_on_nodes:
-        extra["DS_ACCELERATOR"] = "cpu"
-    return extra
+def job_resources(spec: RunSpec, mem: dict[str, Any] | None, dry_run: bool) -> dict[str, Any]:
+    """GPUs, CPUs and memory for the job, from the partition's nodes (sinfo) and the model's size."""
+    from distsft.launch import slurm_resources as sr
+    node = sr.query_nodes(spec.slurm.partition)
+    need = sr.host_need_gb(mem["num_parameters"] if mem else None, sr.load_bytes(spec), sr.load_copies(spec),
+                           spec.distributed.gpus_per_node)
+    return sr.resources(spec, node, need, dry_run=dry_run)
+
+
+def preemption_window(spec: RunSpec, mem: dict[str, Any] | None) -> None:
+    """Before anything is queued: a checkpoint that cannot be written within slurm.signal_delay_s is
+    exit 2 (plan.preempt_window); one that may not is a warning."""
+    from distsft.plan.preempt_window import check
+    warning, error = check(spec, (mem or {}).get("checkpoint"))
+    if error:
+        raise SpecError(error)
+    if warning:
+        print(f"warning: {warning}", flush=True)
 
 
 def _check_account(account: str | None) -> None:
@@ -289,17 +292,19 @@ def submit(spec_path: str, overrides: list[str], nodes: int | None, gpus: int | 
                         "`bash slurm/local-cluster.sh start`")
     out = Path(spec.output_dir).resolve()
     spec = spec.model_copy(update={"output_dir": str(out)})
-    gpus_found = _cluster_has_gpus(spec.slurm.partition)
-    # A dry run on a machine without SLURM shows what a GPU cluster would get.
-    gpus_on_nodes = gpus_found if gpus_found is not None else dry_run
-    params = sbatch_parameters(spec, gpus_on_nodes)
+    from distsft.plan.memory import estimate
+    mem = estimate(spec, plan)  # the model's size (None when its config is not readable here)
+    preemption_window(spec, mem)
+    res = job_resources(spec, mem, dry_run)
+    params = sbatch_parameters(spec, res)
     run_yaml = out / rundir.RUN_YAML
     # A fresh folder per submission: job ids restart at 1 on a new cluster, and requeues keep theirs.
     stamp = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
     folder = out / SUBMITIT_DIR / stamp / "%j"
-    task = RankTask(str(run_yaml), spec.slurm.max_requeues, rank_env(spec, gpus_on_nodes))
+    # No CPU/GPU variables from here: each rank decides from what it sees (runtime.devices).
+    task = RankTask(str(run_yaml), spec.slurm.max_requeues)
     if dry_run:
-        return _print_dry_run(folder, params, run_yaml, plan, gpus_found)
+        return _print_dry_run(folder, params, run_yaml, plan, res["notes"])
 
     _check_account(spec.slurm.account)
     if prepare:
@@ -313,7 +318,8 @@ def submit(spec_path: str, overrides: list[str], nodes: int | None, gpus: int | 
     lock = OutputLock(out)
     lock.acquire()  # refuse at once if a job on this machine trains into the same output_dir
     try:
-        write_run_dir(spec, out, cuda=gpus_on_nodes, bf16_supported=gpus_on_nodes)
+        gpus = "gpus_per_node" in params  # the run files describe what was asked for; ranks decide
+        write_run_dir(spec, out, cuda=gpus, bf16_supported=gpus)
         preempt.clear_preempted(out)
     finally:
         lock.release()
@@ -339,13 +345,12 @@ def submit(spec_path: str, overrides: list[str], nodes: int | None, gpus: int | 
     return follow(job.job_id, Path(job.paths.folder), out, max_requeues=spec.slurm.max_requeues)
 
 
-def _print_dry_run(folder: Path, params: dict[str, Any], run_yaml: Path, plan: Any,
-                   gpus_found: bool | None) -> int:
+def _print_dry_run(folder: Path, params: dict[str, Any], run_yaml: Path, plan: Any, notes: list[str]) -> int:
     from submitit.slurm.slurm import _make_sbatch_string
     command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(folder))])
     print("# distsft submit --dry-run: nothing was written or queued")
-    if gpus_found is None:
-        print("# (no sinfo on this machine: shown as for GPU nodes)")
+    for note in notes:
+        print(f"# {note}")
     print(_make_sbatch_string(command=command, folder=folder, **params))
     print(f"# each of the {plan.world_size} srun tasks (one per rank) unpickles distsft.slurm.RankTask, which runs\n"
           f"#   RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS "

@@ -78,6 +78,26 @@ def host_need_gb(num_parameters: int | None, load_bytes: float, copies: int, ran
     return int(math.ceil(num_parameters * load_bytes * copies * 1.1 / GIB + RANK_OVERHEAD_GB * ranks_per_node))
 
 
+def load_bytes(spec: Any) -> float:
+    """Bytes per parameter of the copy `from_pretrained` makes (train.model.weights_dtype, as on a
+    bf16 GPU): fp32 for full fine-tuning outside DeepSpeed, 16-bit otherwise, unless model.torch_dtype
+    says."""
+    explicit = {"float32": 4, "bfloat16": 2, "float16": 2}.get(spec.model.torch_dtype)
+    if explicit:
+        return explicit
+    return 4 if spec.peft.method == "none" and spec.distributed.backend != "deepspeed" else 2
+
+
+def load_copies(spec: Any) -> int:
+    """Full copies of the weights on the first node while loading: one when rank 0 alone reads them
+    (FSDP2 but QLoRA: train.rank0_load; ZeRO-3: transformers reads on rank 0, the others get meta),
+    one per rank otherwise."""
+    d = spec.distributed
+    if (d.backend == "fsdp" and spec.peft.method != "qlora") or (d.backend == "deepspeed" and d.stage == 3):
+        return 1
+    return d.gpus_per_node
+
+
 def wants_gpus(request: bool | None, node: NodeInfo | None, dry_run: bool) -> bool:
     """`slurm.request_gpus`, or when unset: the partition has GPU nodes (a dry run without sinfo shows
     what a GPU cluster would get)."""

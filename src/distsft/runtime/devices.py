@@ -92,3 +92,27 @@ def no_gpu_message(node: str, why: str) -> str:
 def apply(env: dict[str, str]) -> None:
     """Set the variables for this process (runtime/ is where the environment is written)."""
     os.environ.update(env)
+
+
+def setup_rank(backend: str) -> bool:
+    """First thing in a rank, before torch.distributed, accelerate or DeepSpeed look at the environment:
+    decide from this process's own view whether it trains on a GPU, bind LOCAL_RANK to the device it
+    will use (or set the CPU variables), and say so when the job was given GPUs this rank cannot use.
+    No CUDA context is created here (device_count and is_available do not create one). Returns cuda."""
+    from distsft.runtime import dist, hardware
+    e = dist.env()
+    cuda, why = False, "no NVIDIA/ROCm driver on the node"
+    if hardware.gpu_driver_present():
+        import torch
+        cuda = torch.cuda.is_available() and torch.cuda.device_count() > 0
+        why = "torch.cuda.is_available() is False"
+    if cuda:
+        import torch
+        index = device_index(e.local_rank, e.local_world_size, torch.cuda.device_count())
+        apply(bind_env(e.local_rank, index))
+    else:
+        apply(cpu_env(backend, False))
+        if requested_gpus() and e.is_local_main:
+            dist.warn(no_gpu_message(e.node_name, why))
+    dist.env.cache_clear()
+    return cuda

@@ -13,6 +13,7 @@ from functools import lru_cache
 from typing import Any
 
 from distsft.errors import SpecError
+from distsft.runtime.devices import NODE_LOCAL_RANK_ENV
 from distsft.runtime.ports import DEFAULT_PORT
 
 
@@ -29,6 +30,7 @@ class DistEnv:
     job_id: str | None  # SLURM job id, when under SLURM
     restart_count: int  # SLURM_RESTART_COUNT: how many times the job was requeued
     node_name: str = ""  # SLURMD_NODENAME under SLURM (several slurmd may share a host), else the hostname
+    device_index: int = 0  # the CUDA device this rank uses (LOCAL_RANK; runtime.devices rebinds it)
 
     @property
     def is_main(self) -> bool:
@@ -55,7 +57,9 @@ def env() -> DistEnv:
     slurm_tasks = _int("SLURM_NTASKS", 0)
     world = _int("WORLD_SIZE", slurm_tasks or 1)
     rank = _int("RANK", _int("SLURM_PROCID", 0))
-    local_rank = _int("LOCAL_RANK", _int("SLURM_LOCALID", 0))
+    # The rank's index on its node; when GPUs are bound per task, LOCAL_RANK names the device instead
+    # (runtime.devices.bind_env) and the node-local rank is kept aside.
+    local_rank = _int(NODE_LOCAL_RANK_ENV, _int("LOCAL_RANK", _int("SLURM_LOCALID", 0)))
     local_world = _int("LOCAL_WORLD_SIZE", _int("SLURM_NTASKS_PER_NODE", world))
     nodes = _int("DISTSFT_NUM_NODES", _int("SLURM_NNODES", max(1, world // max(local_world, 1))))
     return DistEnv(
@@ -63,7 +67,8 @@ def env() -> DistEnv:
         node_rank=_int("GROUP_RANK", _int("SLURM_NODEID", 0)), num_nodes=nodes,
         master_addr=os.environ.get("MASTER_ADDR", "127.0.0.1"), master_port=_int("MASTER_PORT", DEFAULT_PORT),
         job_id=os.environ.get("SLURM_JOB_ID"), restart_count=_int("SLURM_RESTART_COUNT", 0),
-        node_name=os.environ.get("SLURMD_NODENAME") or socket.gethostname())
+        node_name=os.environ.get("SLURMD_NODENAME") or socket.gethostname(),
+        device_index=_int("LOCAL_RANK", local_rank))
 
 
 def slurm_cpus_per_rank() -> int | None:
@@ -109,11 +114,24 @@ def init_early(cuda: bool, timeout_s: float = 1800.0) -> None:
 
     import torch
     import torch.distributed as tdist
-    backend = "gloo"
+    from distsft.runtime import fabric
+    if e.num_nodes > 1:
+        found = fabric.check_gloo_interface(socket.gethostname(), [e.master_addr])
+        if found:
+            os.environ.update(found)
+            warn(f"distsft: {socket.gethostname()} resolves to a loopback address; gloo uses "
+                 f"{fabric.GLOO_IFNAME}={found[fabric.GLOO_IFNAME]}, the only other interface here")
+    backend, kwargs = "gloo", {}
     if cuda:
-        torch.cuda.set_device(e.local_rank)
+        torch.cuda.set_device(e.device_index)
         backend = "cuda:nccl,cpu:gloo"
-    tdist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+        # NCCL's communicator is created here instead of at the first collective: a broken fabric fails
+        # at init, with the message below, not in the middle of loading.
+        kwargs["device_id"] = torch.device("cuda", e.device_index)
+    try:
+        tdist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s), **kwargs)
+    except (RuntimeError, OSError, ValueError) as exc:  # DistNetworkError, DistStoreError, NCCL errors
+        raise RuntimeError(fabric.init_failure(exc, e.master_addr, e.master_port, backend)) from exc
 
 
 class AgreedError(SpecError):

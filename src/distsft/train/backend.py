@@ -72,7 +72,19 @@ def render_deepspeed(spec: RunSpec, batch: Batch, precision: str) -> dict[str, A
         # parallel group as a replica; accelerate sets it to micro x accum x data-parallel degree (the
         # global batch above) itself before DeepSpeed starts, so it is left out here.
         del cfg["train_batch_size"]
+    if precision == "bf16":
+        cfg.update(fp32_reduction())
     return cfg
+
+
+def fp32_reduction() -> dict[str, Any]:
+    """Under bf16 DeepSpeed reduces gradients in the model dtype (`engine.communication_data_type`
+    falls back to bf16) and accumulates them over micro-batches in it (`data_types.grad_accum_dtype`
+    defaults to the model dtype): with 8 bits of mantissa, sums over many ranks and micro-batches lose
+    the small contributions. DeepSpeed 0.19 takes fp32 for both: the reduce-scatter/all-reduce runs in
+    fp32 (ZeRO-1/2/3 accept it), and ZeRO keeps a separate fp32 accumulation buffer (ZeRO-1 through its
+    BF16_Optimizer). fp16 keeps DeepSpeed's defaults: its loss scaling is built around them."""
+    return {"communication_data_type": "fp32", "data_types": {"grad_accum_dtype": "fp32"}}
 
 
 def process_group_timeout_s(spec: RunSpec) -> int:

@@ -127,15 +127,18 @@ def train(spec: RunSpec, flag: PreemptionFlag) -> int:
 
 
 def machine_and_options(r: Rank) -> None:
-    """First, because it needs nothing but this machine and fails fastest: the precision and attention
-    this machine runs, the preflight checks (the same list the launcher ran: ranks can be started by
+    """First, because it needs nothing but this machine and fails fastest: the device this rank trains
+    on (runtime.devices, before any library reads LOCAL_RANK), the precision and attention this machine runs, the preflight checks (the same list the launcher ran: ranks can be started by
     hand), and the batch arithmetic for this world size."""
     from distsft.plan.batch import batch_for
     from distsft.runtime.console import configure_logging
     from distsft.train import preflight
     from distsft.train.backend import resolve_precision
+    from distsft.runtime.devices import setup_rank
+    configure_logging(dist.env().is_main)
+    # GPU or CPU, and which GPU, from what this rank sees (not what the launch host guessed).
+    setup_rank(r.spec.distributed.backend)
     e = dist.env()
-    configure_logging(e.is_main)
     r.cuda, bf16_ok, _ = hardware.cuda_info()
     r.precision = resolve_precision(r.spec, r.cuda, bf16_ok)
     r.attn = preflight.check(r.spec)
