@@ -95,6 +95,9 @@ def plan(spec_path: Path = typer.Argument(..., metavar="SPEC"), overrides: Optio
         from distsft.plan.estimate import for_plan
         est = for_plan(spec, p, mem, device_name())
         p.estimate = est.to_json() if est else None
+        if mem:  # does one checkpoint fit the USR2 window before the time limit? (plan.preempt_window)
+            from distsft.plan.preempt_window import check as window
+            p.warnings += [w for w in window(spec, mem.get("checkpoint")) if w]
         plots = _plots(spec, p, stats)
     if as_json:
         d = p.to_dict()

@@ -23,12 +23,12 @@ exists while the others poll `wait_converted`) calls `convert_if_needed`; every 
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import re
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -41,6 +41,7 @@ LATEST_UNIVERSAL = "latest_universal"
 SUFFIX = "_universal"
 _TMP_PREFIX = ".converting-"
 _STEP_DIR = re.compile(r"^global_step\d+$")
+MAX_WORKERS = 16
 
 
 def deepspeed_tag(checkpoint_dir: str | Path) -> str | None:
@@ -119,6 +120,25 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (SLURM's --cpus-per-task binding included)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def conversion_command(src: Path, dst: Path, cpus: int) -> list[str]:
+    """DeepSpeed's converter as a command: one extract worker per usable CPU (up to MAX_WORKERS), and
+    a quarter as many merge workers (each holds a parameter's every shard: memory-bound, as DeepSpeed's
+    help says). HF Trainer's engine records no universal_checkpoint_info; a plain (no TP/PP) model
+    needs none beyond the version, which --inject_missing_state adds."""
+    extract = max(1, min(cpus, MAX_WORKERS))
+    return [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src),
+            "--output_folder", str(dst), "--num_extract_workers", str(extract),
+            "--num_merge_workers", str(max(1, extract // 4)), "--inject_missing_state"]
+
+
 def convert(checkpoint_dir: str | Path, *, quiet: bool = True) -> Path:
     """Convert `checkpoint-N/global_stepN` into `checkpoint-N/global_stepN_universal` with DeepSpeed's
     `ds_to_universal` (ZeRO-1/2 and ZeRO-3 alike), then point `latest_universal` at it. Atomic: the
@@ -135,29 +155,25 @@ def convert(checkpoint_dir: str | Path, *, quiet: bool = True) -> Path:
         _write_latest(ckpt, final.name)
         return final
     tmp = temp_dir(ckpt, final.name)
-    from argparse import Namespace
-
-    from deepspeed.checkpoint import ds_to_universal
-    # Serial workers: no process pool forked from a rank that may hold a process group and threads.
-    args = Namespace(input_folder=str(ckpt / tag), output_folder=str(tmp), num_extract_workers=1,
-                     num_merge_workers=1, keep_temp_folder=False, strict=True,
-                     # HF Trainer's engine records no universal_checkpoint_info; a plain (no TP/PP)
-                     # model needs none beyond the version, which this adds.
-                     inject_missing_state=True)
-    log = io.StringIO()
+    # In a child process with a pool of workers: the converting rank may hold a process group and
+    # threads, which a process pool forked from it would inherit; a fresh interpreter forks cleanly.
+    cmd = conversion_command(ckpt / tag, tmp, usable_cpus())
+    log = ""
     try:
-        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-            ds_to_universal.main(args)
-    except Exception as exc:
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        log = p.stdout + p.stderr
+        if p.returncode != 0:
+            raise RuntimeError(f"ds_to_universal exited {p.returncode}")
+    except (RuntimeError, OSError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         (ckpt / LATEST_UNIVERSAL).unlink(missing_ok=True)  # main() may have pointed it at tmp
-        tail = "\n".join(log.getvalue().strip().splitlines()[-15:])
-        world = read_marker(ckpt).world_size
+        tail = "\n".join(log.strip().splitlines()[-15:])
+        world = read_marker(ckpt).get("world_size")
         raise SpecError(f"converting {ckpt / tag} to a DeepSpeed universal checkpoint failed "
                         f"({type(exc).__name__}: {exc}); resume with the {world} processes that wrote it, "
                         f"or set checkpoint.resume=never\n{tail}") from exc
     if not quiet:
-        print(log.getvalue(), end="", flush=True)
+        print(log, end="", flush=True)
     os.replace(tmp, final)
     # ds_to_universal wrote latest_universal naming the temporary folder; name the final one.
     _write_latest(ckpt, final.name)

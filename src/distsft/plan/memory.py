@@ -194,6 +194,16 @@ def _per_gpu(spec: RunSpec, shape: ModelShape, stage: int, offload_optimizer: bo
     return gpu + frozen, cpu, trainable
 
 
+def unsharded_grad_bytes(spec: RunSpec, trainable: int, accumulation: int, bytes_per_value: int) -> int:
+    """FSDP2 with gradient accumulation and `distributed.sync_each_batch: false`: HF's no_sync keeps the
+    whole unsharded gradient (in the compute dtype) on every GPU between micro-batches. 0 otherwise:
+    with sync_each_batch (distsft's default, train.fsdp.sync_each_batch) each micro-batch is
+    reduce-scattered into the sharded gradient already counted."""
+    if accumulation <= 1 or spec.distributed.sync_each_batch is not False:
+        return 0
+    return trainable * bytes_per_value
+
+
 def _gib(n: float) -> float:
     return round(n / GIB, 2)
 
@@ -218,11 +228,16 @@ def estimate(spec: RunSpec, plan: Plan | None = None, *, shape: ModelShape | Non
     S = d.sequence_parallel_size
     act = activation_bytes(shape, micro, -(-spec.data.max_length // S),
                            spec.train.gradient_checkpointing, bytes_per_value)
+    accumulation = plan.gradient_accumulation_steps if plan else 1
     per_stage = {}
     for label, (stage, opt, par) in STAGES.items():
-        gpu, _, _ = _per_gpu(spec, shape, stage, opt, par, world)
+        gpu, _, trainable = _per_gpu(spec, shape, stage, opt, par, world)
+        if label.startswith("fsdp"):
+            gpu += unsharded_grad_bytes(spec, trainable, accumulation, bytes_per_value)
         per_stage[label] = _gib(gpu + act)
     gpu, cpu, trainable = _per_gpu(spec, shape, d.stage, d.offload_optimizer, d.offload_params, world)
+    if d.backend == "fsdp":
+        gpu += unsharded_grad_bytes(spec, trainable, accumulation, bytes_per_value)
     return {
         "num_parameters": shape.num_parameters,
         "trainable_parameters": trainable,
