@@ -39,9 +39,10 @@ def _is_loopback(addr: str) -> bool:
 
 
 def loopback_problem(hostname: str, other_nodes: Iterable[str],
-                     resolve: Callable[[str], list[str]] = _resolve) -> str | None:
+                     resolve: Callable[[str], list[str]] | None = None) -> str | None:
     """Why gloo would advertise an unreachable address, or None. Only a problem when some other node of
     the job resolves to a real address: then the nodes are different machines."""
+    resolve = resolve or _resolve
     own = resolve(hostname)
     if not own or not all(_is_loopback(a) for a in own):
         return None
