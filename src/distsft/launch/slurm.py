@@ -196,10 +196,9 @@ def sbatch_parameters(spec: RunSpec, res: dict[str, Any]) -> dict[str, Any]:
         "additional_parameters": {"requeue": True, **s.additional_parameters},
     }
     params.update({k: v for k, v in res.items() if k != "notes"})
-    if "gpus_per_node" in res:
-        # Every task sees all of its node's GPUs and picks its own (runtime.devices.device_index); a
-        # site default that binds one GPU per task is handled there too, but hides peers from NCCL's P2P.
-        params["additional_parameters"]["gpu_bind"] = "none"
+    # No --gpu-bind: every task of a node sees all of the node's allocated GPUs (CUDA_VISIBLE_DEVICES)
+    # and picks its own; a site default that binds one GPU per task is handled in the rank too
+    # (runtime.devices.device_index). (--gpu-bind=none would unset CUDA_VISIBLE_DEVICES, measured.)
     for key, value in (("partition", s.partition), ("account", s.account), ("qos", s.qos),
                        ("constraint", s.constraint)):
         if value is not None:
