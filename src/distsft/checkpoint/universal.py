@@ -168,7 +168,7 @@ def convert(checkpoint_dir: str | Path, *, quiet: bool = True) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         (ckpt / LATEST_UNIVERSAL).unlink(missing_ok=True)  # main() may have pointed it at tmp
         tail = "\n".join(log.strip().splitlines()[-15:])
-        world = read_marker(ckpt).get("world_size")
+        world = read_marker(ckpt).world_size
         raise SpecError(f"converting {ckpt / tag} to a DeepSpeed universal checkpoint failed "
                         f"({type(exc).__name__}: {exc}); resume with the {world} processes that wrote it, "
                         f"or set checkpoint.resume=never\n{tail}") from exc

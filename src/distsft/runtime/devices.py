@@ -20,8 +20,7 @@ from __future__ import annotations
 import os
 
 from distsft.errors import SpecError
-
-NODE_LOCAL_RANK_ENV = "DISTSFT_NODE_LOCAL_RANK"  # the rank's index on its node, when LOCAL_RANK is rebound
+from distsft.runtime.dist import NODE_LOCAL_RANK_ENV
 
 
 def device_index(local_rank: int, local_world_size: int, visible: int) -> int:

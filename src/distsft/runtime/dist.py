@@ -13,8 +13,12 @@ from functools import lru_cache
 from typing import Any
 
 from distsft.errors import SpecError
-from distsft.runtime.devices import NODE_LOCAL_RANK_ENV
 from distsft.runtime.ports import DEFAULT_PORT
+
+
+# The rank's index on its node, kept here when LOCAL_RANK is rebound to the rank's GPU under per-task GPU
+# binding (runtime.devices.bind_env).
+NODE_LOCAL_RANK_ENV = "DISTSFT_NODE_LOCAL_RANK"
 
 
 @dataclass(frozen=True)
