@@ -7,6 +7,8 @@
 #SBATCH --nodes=2                  # EDIT: number of nodes
 #SBATCH --gpus-per-node=8          # EDIT: GPUs per node (drop this line on a CPU-only cluster)
 #SBATCH --ntasks-per-node=1        # one torchrun per node; torchrun starts one worker per GPU
+#SBATCH --cpus-per-task=64         # EDIT: the node's CPUs for its ranks (without it: 1 core for all of them)
+#SBATCH --mem=0                    # all of the node's memory (whole nodes); or e.g. --mem=480G on shared ones
 #SBATCH --time=04:00:00            # EDIT: wall time
 #SBATCH --partition=debug          # EDIT: partition
 #SBATCH --output=%x-%j.out
@@ -30,7 +32,9 @@ while (exec 3<>"/dev/tcp/127.0.0.1/$MASTER_PORT") 2>/dev/null; do
     echo "port $MASTER_PORT is in use on $(hostname); trying $((MASTER_PORT + 1))"
     MASTER_PORT=$((MASTER_PORT + 1))
 done
-export MASTER_ADDR MASTER_PORT GPUS RUN_DIR
+# Each worker's share of the task's CPUs (torchrun would give each only 1 OpenMP thread).
+OMP_NUM_THREADS=$(( ${SLURM_CPUS_PER_TASK:-$GPUS} / GPUS > 0 ? ${SLURM_CPUS_PER_TASK:-$GPUS} / GPUS : 1 ))
+export MASTER_ADDR MASTER_PORT GPUS RUN_DIR OMP_NUM_THREADS
 echo "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: $SLURM_NNODES nodes x $GPUS GPUs, master $MASTER_ADDR:$MASTER_PORT"
 
 # On USR2: USR2 to the training step. Each node's torchrun_task.sh forwards it to the workers (torchrun's

@@ -93,3 +93,14 @@ def test_submit_refuses_a_window_too_short_for_the_checkpoint(tmp_path, monkeypa
     spec = _spec(tmp_path, "slurm:\n  signal_delay_s: 1\n  checkpoint_write_gbps: 0.001\n")
     with pytest.raises(SpecError, match="signal_delay_s"):
         slurm.preemption_window(spec, {"checkpoint": {"per_node_gb": 1.0, "backend": "ddp"}})
+
+
+def test_sbatch_template_requests_cpus_and_memory_and_shares_them_among_workers(tmp_path):
+    import re
+    import subprocess
+    text = (h.ROOT / "slurm" / "sbatch_template.sh").read_text()
+    assert re.search(r"^#SBATCH --cpus-per-task=\d+", text, re.M) and re.search(r"^#SBATCH --mem=", text, re.M)
+    line = next(ln for ln in text.splitlines() if ln.startswith("OMP_NUM_THREADS="))
+    out = subprocess.run(["bash", "-c", f"GPUS=8; SLURM_CPUS_PER_TASK=64; {line}; echo $OMP_NUM_THREADS"],
+                         capture_output=True, text=True).stdout.strip()
+    assert out == "8"
