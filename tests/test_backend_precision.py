@@ -27,25 +27,43 @@ def _spec(tmp_path, extra):
     return load_spec(h.write_spec(tmp_path / "s.yaml", tmp_path / "out", extra))
 
 
-def test_deepspeed_engine_reduces_and_accumulates_in_fp32(tmp_path, monkeypatch):
-    import deepspeed
-    from distsft.train.backend import render_deepspeed
-    spec = _spec(tmp_path, "train:\n  bf16: true\ndistributed:\n  backend: deepspeed\n  zero_stage: 2\n  gpus_per_node: 1\n")
+DS_SCRIPT = """
+import os, sys, torch
+os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
+import deepspeed
+from distsft.config.spec import load_spec
+from distsft.plan.batch import batch_for
+from distsft.train.backend import render_deepspeed
+deepspeed.init_distributed(dist_backend="gloo")
+for stage in (1, 2, 3):
+    spec = load_spec(sys.argv[1], [f"distributed.zero_stage={stage}"])
     cfg = render_deepspeed(spec, batch_for(spec), "bf16")
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)).to(torch.bfloat16)
+    engine, opt, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config=cfg)
+    for _ in range(2):
+        loss = engine(torch.randn(2, 8, dtype=torch.bfloat16)).float().pow(2).mean()
+        engine.backward(loss)
+        engine.step()
+    print("RESULT", stage, type(opt).__name__, engine.communication_data_type, engine.get_data_types()[1],
+          getattr(opt, "gradient_accumulation_dtype", None))
+"""
+
+
+def test_deepspeed_engine_reduces_and_accumulates_in_fp32(tmp_path):
+    """Read back from real DeepSpeed engines (ZeRO-1/2/3, bf16, CPU), two steps each: fp32 reduction and
+    fp32 accumulation (ZeRO-1 through DeepSpeed's BF16_Optimizer, which accumulates in fp32)."""
+    from distsft.train.backend import render_deepspeed
+    spec_path = h.write_spec(tmp_path / "s.yaml", tmp_path / "out",
+                             "train:\n  bf16: true\ndistributed:\n  backend: deepspeed\n  gpus_per_node: 1\n")
+    spec = load_spec(spec_path)
     assert render_deepspeed(spec, batch_for(spec), "fp16").get("communication_data_type") is None
-    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                 "MASTER_PORT": str(29000 + (hash(str(tmp_path)) % 500))}.items():
-        monkeypatch.setenv(k, v)
-    model = torch.nn.Linear(8, 8).to(torch.bfloat16)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    deepspeed.init_distributed(dist_backend="gloo")
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
-    try:
-        assert engine.communication_data_type == torch.float32
-        assert engine.get_data_types() == (torch.bfloat16, torch.float32)
-        assert optimizer.gradient_accumulation_dtype == torch.float32
-    finally:
-        engine.destroy() if hasattr(engine, "destroy") else None
+    p = subprocess.run([sys.executable, "-c", DS_SCRIPT, str(spec_path), "29657"], capture_output=True, text=True,
+                       env=h.env(), timeout=600)
+    rows = [ln.split()[1:] for ln in p.stdout.splitlines() if ln.startswith("RESULT")]
+    assert len(rows) == 3, p.stderr[-3000:]
+    for stage, opt, comm, accum, opt_accum in rows:
+        assert comm == "torch.float32" and accum == "torch.float32", rows
+        assert opt_accum == "torch.float32" or opt == "BF16_Optimizer", rows
 
 
 def test_fsdp_policy_reduces_in_fp32_and_plugin_keeps_it():
