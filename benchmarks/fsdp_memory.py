@@ -7,9 +7,12 @@ A Llama of ~100M parameters is built from a config (no download) and saved once 
 configuration runs as its own `torchrun --nproc_per_node 2` of this file (`--worker`), so each rank's
 resident memory (RSS, sampled every 5 ms by a thread) belongs to that configuration alone.
 
-1. Accumulation: peak RSS of a rank during 3 optimizer steps (fp32, micro-batch 1 x 256 tokens) above
-   its RSS when training begins (model prepared), accumulation 4 vs 1. On CPU a rank's gradients live
-   in host memory, so the unsharded gradient HF's `no_sync` keeps between micro-batches shows here.
+1. Accumulation: peak RSS of a rank during 12 micro-batches (fp32, 1 x 256 tokens each: 12 optimizer
+   steps at accumulation 1, 3 at 4) above its RSS when training begins (model prepared). On CPU a rank's
+   gradients live in host memory, so the unsharded gradient HF's `no_sync` keeps between micro-batches
+   shows here. The workers run with MALLOC_MMAP_THRESHOLD_=65536, so that freed tensors return to the
+   system and RSS follows live memory instead of glibc's free lists (which grow with the number of
+   allocations, not with what is alive).
      distsft   accumulation 4 with sync_each_batch (train.fsdp.sync_each_batch)
      old       accumulation 4 under no_sync (distributed.sync_each_batch: false)
 2. Loading: the ranks' summed RSS increase while `train.model.load_model` runs (the copies of the
@@ -89,7 +92,7 @@ def worker(model_dir: str, out: str, accumulation: int, sync: bool, rank0: bool)
     cfg["cpu_ram_efficient_loading"] = rank0
     acc = fsdp.accelerator_config(spec, accumulation)
     args = TrainingArguments(output_dir=out, per_device_train_batch_size=1, gradient_accumulation_steps=accumulation,
-                             max_steps=3, learning_rate=1e-4, use_cpu=True, ddp_backend="gloo", fsdp=True,
+                             max_steps=12 // accumulation, learning_rate=1e-4, use_cpu=True, ddp_backend="gloo", fsdp=True,
                              fsdp_config=cfg, report_to="none", save_strategy="no", disable_tqdm=True,
                              logging_steps=100, **({"accelerator_config": acc} if acc else {}))
     proc = psutil.Process()
@@ -112,7 +115,7 @@ def worker(model_dir: str, out: str, accumulation: int, sync: bool, rank0: bool)
             marks["train"] = Peak().start()
 
     marks["prep"] = Peak().start()
-    ids = torch.randint(3, 32000, (64, 256), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(3, 32000, (32, 256), generator=torch.Generator().manual_seed(0))
     ds = [{"input_ids": x, "labels": x.clone(), "attention_mask": torch.ones_like(x)} for x in ids]
     trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[Probe()])
     trainer.train()
@@ -125,7 +128,7 @@ def worker(model_dir: str, out: str, accumulation: int, sync: bool, rank0: bool)
 def run(model_dir: Path, work: Path, name: str, accumulation: int, sync: bool, rank0: bool) -> list[dict]:
     out = work / name
     out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29761",
            __file__, "--worker", str(model_dir), str(out), str(accumulation), str(int(sync)), str(int(rank0))]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)

@@ -273,9 +273,7 @@ class DistributedSpec(_Section):
     # GiB per GPU, for planning on a machine without the job's GPUs (`per_device_train_batch_size: auto`,
     # distsft init); where the ranks run their GPU is measured instead when this is not set.
     gpu_memory_gb: float | None = Field(None, gt=0)
-    # FSDP2 with gradient accumulation: reduce-scatter every micro-batch (None/true, the default) instead
-    # of holding the whole unsharded gradient until the step (false: fewer collectives, +2 B/param).
-    sync_each_batch: bool | None = None
+    sync_each_batch: bool | None = None  # FSDP2 accumulation: reduce-scatter each micro-batch (train.fsdp)
 
     @model_validator(mode="after")
     def _check(self) -> "DistributedSpec":
@@ -330,15 +328,11 @@ class SlurmSpec(_Section):
     qos: str | None = None
     time_min: int = Field(60, ge=1)
     constraint: str | None = None
-    # Unset: derived from the partition's nodes (launch.slurm_resources); explicit values win.
+    # mem_gb, cpus_per_task, request_gpus (--gpus-per-node): derived when unset (launch.slurm_resources)
     mem_gb: int | None = Field(None, ge=1)
     cpus_per_task: int | None = Field(None, ge=1)
-    # --gpus-per-node: true/false, or unset: when the partition's nodes have a gpu GRES. Whether a rank
-    # trains on a GPU is decided in the rank from what it sees either way.
     request_gpus: bool | None = None
-    # GB/s per node the checkpoint file system sustains: checks a save fits in signal_delay_s
-    # (plan.preempt_window); unset: an assumed speed, and only a warning.
-    checkpoint_write_gbps: float | None = Field(None, gt=0)
+    checkpoint_write_gbps: float | None = Field(None, gt=0)  # per node: plan.preempt_window's speed
     # The only spec value that runs as shell: lines run before training (module load, conda activate).
     setup: list[str] = Field(default_factory=list)
     max_requeues: int = Field(3, ge=0)
