@@ -128,6 +128,8 @@ def worker(model_dir: str, out: str, accumulation: int, sync: bool, rank0: bool)
 def run(model_dir: Path, work: Path, name: str, accumulation: int, sync: bool, rank0: bool) -> list[dict]:
     out = work / name
     out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("rank*.json"):  # a result is this invocation's or none
+        old.unlink()
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29761",
            __file__, "--worker", str(model_dir), str(out), str(accumulation), str(int(sync)), str(int(rank0))]
