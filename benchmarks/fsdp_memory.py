@@ -15,8 +15,9 @@ resident memory (RSS, sampled every 5 ms by a thread) belongs to that configurat
    allocations, not with what is alive).
      distsft   accumulation 4 with sync_each_batch (train.fsdp.sync_each_batch)
      old       accumulation 4 under no_sync (distributed.sync_each_batch: false)
-2. Loading: the ranks' summed RSS increase while `train.model.load_model` runs (the copies of the
-   weights the ranks hold before sharding), and through accelerate's prepare (sharding included; on
+2. Loading a bf16 checkpoint (as hub models are stored) for full fine-tuning in fp32: the ranks' summed
+   RSS increase while `train.model.load_model` runs (the copies of the weights the ranks hold before
+   sharding), and through accelerate's prepare (sharding included; on
    CPU the shards are host memory too, one fp32 copy in total), in units of one fp32 copy.
      distsft   rank 0 reads, rank 1 builds uninitialised storage (train.rank0_load), accelerate broadcasts
      old       every rank runs from_pretrained (fsdp_cpu_ram_efficient_loading: false)
@@ -46,7 +47,9 @@ def make_model(path: Path, layers: int) -> int:
     model = LlamaForCausalLM(cfg)
     n = sum(p.numel() for p in model.parameters())
     if not (path / "model.safetensors").exists():
-        model.save_pretrained(path)
+        # Stored in bf16, as hub checkpoints are: full fine-tuning loads fp32 masters, so every rank
+        # that reads it materialises an fp32 copy (an fp32 file would be memory-mapped without a copy).
+        model.to(torch.bfloat16).save_pretrained(path)
     return n
 
 
@@ -149,7 +152,7 @@ def main() -> None:
         worker(m, out, int(accum), sync == "1", rank0 == "1")
         return
     work = Path(tempfile.gettempdir()) / "distsft-fsdp-memory"
-    model_dir = work / f"llama-{a.layers}l"
+    model_dir = work / f"llama-{a.layers}l-bf16"
     n = make_model(model_dir, a.layers)
     fp32 = n * 4
     mib = lambda b: f"{b / 2**20:,.0f}"  # noqa: E731
