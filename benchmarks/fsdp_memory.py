@@ -53,26 +53,41 @@ def make_model(path: Path, layers: int) -> int:
     return n
 
 
+def _anon() -> int:
+    """Anonymous resident memory (RssAnon): what the process itself allocated, without memory-mapped
+    file pages (the page cache of a checkpoint file, shared and reclaimable)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 class Peak:
     def __init__(self) -> None:
         import psutil
-        self.proc, self.peak, self.stop = psutil.Process(), 0, False
+        self.proc, self.peak, self.anon, self.stop = psutil.Process(), 0, 0, False
         self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+        self.anon = max(self.anon, _anon())
 
     def _run(self) -> None:
         while not self.stop:
-            self.peak = max(self.peak, self.proc.memory_info().rss)
+            self._sample()
             time.sleep(0.005)
 
     def start(self) -> "Peak":
-        self.peak = self.proc.memory_info().rss
+        self._sample()
         self.thread.start()
         return self
 
     def end(self) -> int:
         self.stop = True
         self.thread.join()
-        return max(self.peak, self.proc.memory_info().rss)
+        self._sample()
+        return self.peak
 
 
 def worker(model_dir: str, out: str, accumulation: int, sync: bool, rank0: bool) -> None:
@@ -95,11 +110,11 @@ def worker(model_dir: str, out: str, accumulation: int, sync: bool, rank0: bool)
     cfg["cpu_ram_efficient_loading"] = rank0
     acc = fsdp.accelerator_config(spec, accumulation)
     args = TrainingArguments(output_dir=out, per_device_train_batch_size=1, gradient_accumulation_steps=accumulation,
-                             max_steps=12 // accumulation, learning_rate=1e-4, use_cpu=True, ddp_backend="gloo", fsdp=True,
+                             max_steps=max(1, 12 // accumulation) if not os.environ.get("FSDP_MEMORY_LOAD_ONLY") else 1, learning_rate=1e-4, use_cpu=True, ddp_backend="gloo", fsdp=True,
                              fsdp_config=cfg, report_to="none", save_strategy="no", disable_tqdm=True,
                              logging_steps=100, **({"accelerator_config": acc} if acc else {}))
     proc = psutil.Process()
-    base = proc.memory_info().rss
+    base, base_anon = proc.memory_info().rss, _anon()
     peak = Peak().start()
     if rank0:
         model = model_lib.load_model(spec, "no", "sdpa", torch.device("cpu"))
@@ -108,12 +123,13 @@ def worker(model_dir: str, out: str, accumulation: int, sync: bool, rank0: bool)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
     load_peak = peak.end()
     fsdp.wrap_layers_of(args, model, "no")
-    res = {"rank": e.rank, "load": load_peak - base}
+    res = {"rank": e.rank, "load": load_peak - base, "load_anon": peak.anon - base_anon}
     marks: dict = {}
 
     class Probe(TrainerCallback):
         def on_train_begin(self, *a, **k):
             marks["prepared_peak"] = marks["prep"].end()
+            marks["prepared_anon"] = max(marks["prep"].anon, peak.anon)
             marks["train_base"] = proc.memory_info().rss
             marks["train"] = Peak().start()
 
@@ -123,6 +139,7 @@ def worker(model_dir: str, out: str, accumulation: int, sync: bool, rank0: bool)
     trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[Probe()])
     trainer.train()
     res["through_prepare"] = marks["prepared_peak"] - base
+    res["through_prepare_anon"] = marks["prepared_anon"] - base_anon
     res["train"] = marks["train"].end() - marks["train_base"]
     Path(out, f"rank{e.rank}.json").write_text(json.dumps(res))
     dist.barrier()
@@ -146,6 +163,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--worker", nargs=5)
     ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--only", choices=["accumulation", "load"], help="one of the two tables")
     a = ap.parse_args()
     if a.worker:
         m, out, accum, sync, rank0 = a.worker
@@ -157,22 +175,27 @@ def main() -> None:
     fp32 = n * 4
     mib = lambda b: f"{b / 2**20:,.0f}"  # noqa: E731
     print(f"model: {n / 1e6:.1f}M parameters, one fp32 copy {mib(fp32)} MiB; 2 CPU ranks over gloo\n")
-    one = run(model_dir, work, "accum1", 1, True, True)
-    four = run(model_dir, work, "accum4", 4, True, True)
-    old4 = run(model_dir, work, "accum4-nosync", 4, False, True)
-    print("| accumulation | training peak above prepared, rank 0 / rank 1 (MiB) | vs accumulation 1 |")
-    print("| --- | --- | --- |")
-    ref = max(r["train"] for r in one)
-    for label, rs in (("1", one), ("4, sync_each_batch (distsft)", four), ("4, no_sync (old)", old4)):
-        peak = max(r["train"] for r in rs)
-        print(f"| {label} | {mib(rs[0]['train'])} / {mib(rs[1]['train'])} | {peak / ref:.2f}x |")
+    if a.only != "load":
+        one = run(model_dir, work, "accum1", 1, True, True)
+        four = run(model_dir, work, "accum4", 4, True, True)
+        old4 = run(model_dir, work, "accum4-nosync", 4, False, True)
+        print("| accumulation | training peak above prepared, rank 0 / rank 1 (MiB) | vs accumulation 1 |")
+        print("| --- | --- | --- |")
+        ref = max(r["train"] for r in one)
+        for label, rs in (("1", one), ("4, sync_each_batch (distsft)", four), ("4, no_sync (old)", old4)):
+            peak = max(r["train"] for r in rs)
+            print(f"| {label} | {mib(rs[0]['train'])} / {mib(rs[1]['train'])} | {peak / ref:.2f}x |")
+    if a.only == "accumulation":
+        return
+    os.environ["FSDP_MEMORY_LOAD_ONLY"] = "1"  # one step: only the loading is measured
+    new = run(model_dir, work, "load-rank0", 1, True, True)
     old = run(model_dir, work, "load-every-rank", 1, True, False)
-    print("\n| loading | summed RSS increase in load_model (MiB, x fp32 copy) | through prepare (MiB, x) |")
+    print("\n| loading (bf16 file, fp32 weights) | summed RSS in load_model: all / anonymous (MiB, x fp32 copy) "
+          "| through prepare: all / anonymous (MiB, x) |")
     print("| --- | --- | --- |")
-    for label, rs in (("rank 0 reads, broadcast (distsft)", one), ("every rank reads (old)", old)):
-        load, prep = sum(r["load"] for r in rs), sum(r["through_prepare"] for r in rs)
-        print(f"| {label} | {mib(load)} ({load / fp32:.2f}x) | {mib(prep)} ({prep / fp32:.2f}x) |")
-
-
-if __name__ == "__main__":
-    main()
+    for label, rs in (("rank 0 reads, broadcast (distsft)", new), ("every rank reads (old)", old)):
+        cells = []
+        for key in ("load", "through_prepare"):
+            t, an = sum(r[key] for r in rs), sum(r.get(key + "_anon", 0) for r in rs)
+            cells.append(f"{mib(t)} ({t / fp32:.2f}x) / {mib(an)} ({an / fp32:.2f}x)")
+        print(f"| {label} | {cells[0]} | {cells[1]} |")
