@@ -204,3 +204,7 @@ def main() -> None:
             t, an = sum(r[key] for r in rs), sum(r.get(key + "_anon", 0) for r in rs)
             cells.append(f"{mib(t)} ({t / fp32:.2f}x) / {mib(an)} ({an / fp32:.2f}x)")
         print(f"| {label} | {cells[0]} | {cells[1]} |")
+
+
+if __name__ == "__main__":
+    main()
