@@ -30,10 +30,12 @@ def main() -> None:
     tdist.init_process_group("gloo", timeout=timedelta(seconds=TIMEOUT_S))
     e = dist.env()
     model_lib.save_merged = lambda *a, **k: time.sleep(MERGE_S)  # a 70B merge, in miniature
-    trainer = SimpleNamespace(state=SimpleNamespace(global_step=1),
+    trainer = SimpleNamespace(state=SimpleNamespace(global_step=1), evaluate=lambda: None,
                               save_model=lambda d: Path(d, f"saved{e.rank}").write_text("x"))
     r = SimpleNamespace(spec=load_spec(spec_path), trainer=trainer, out=out, precision="no", started=time.time(),
-                        diagnostics=SimpleNamespace(failed=False),
+                        diagnostics=SimpleNamespace(failed=False), stop_ids=None,
+                        tokenizer=SimpleNamespace(save_pretrained=lambda d: None),
+                        batch=SimpleNamespace(world_size=2, per_device_train_batch_size=2),
                         ctx=SimpleNamespace(preempted=False, history=[]))
     try:
         result = str(finish.finish(r))
