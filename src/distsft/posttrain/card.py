@@ -69,7 +69,9 @@ def card_text(spec: Any, ckpt: Any, info: dict[str, Any], sources: list[tuple[st
     method = {"none": "full fine-tuning", "lora": "LoRA", "qlora": "QLoRA"}[p.method]
     kind = {"full": "full weights", "merged": f"{method} adapter merged into the base",
             "adapter": f"{method} adapter (load it on the base model)"}[info["kind"]]
-    lines = ["---", f"base_model: {base}", "library_name: " + ("peft" if info["kind"] == "adapter" else "transformers"),
+    # The hub's metadata takes a model id; a local base directory is named in the text only.
+    meta_base = [] if Path(str(base)).exists() else [f"base_model: {base}"]
+    lines = ["---", *meta_base, "library_name: " + ("peft" if info["kind"] == "adapter" else "transformers"),
              "tags:", "- distsft", "- sft", "---", "",
              f"# {Path(spec.output_dir).name}", "",
              f"Supervised fine-tune of `{base}` with distsft ({method}), exported from "
