@@ -47,7 +47,7 @@ def export_command(run_dir: str, out: str | None, checkpoint: str | None = None,
     if not report.ok:
         say(f"verify: FAILED: {out} does not match {info['checkpoint']} of {run}")
         return EXIT_MISMATCH
-    say(f"verify: ok ({info['kind']}, {info['dtype']}, eos_token_id {info['eos_token_id']})")
+    say(f"verify: ok ({info['kind']}, {info['dtype']}, eos_token_id {report.numbers.get('eos_token_id')})")
     if push_to_hub:
         hub.push(Path(out), push_to_hub, token or "", private=private, say=say)
     return 0

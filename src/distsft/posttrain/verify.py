@@ -137,30 +137,33 @@ def check_stop(ref: Any, exp: Any, tokenizer: Any, template: str, prompt: str, r
     import torch
     from transformers import GenerationConfig
     from distsft.data.chat import ChatRenderer
-    from distsft.posttrain.turns import eos_list
+    from distsft.posttrain.turns import end_of_turn_ids, eos_list
     text = ChatRenderer(tokenizer, template).render([{"role": "user", "content": prompt}], add_generation_prompt=True)
     from distsft.data.encode import OffsetEncoder
     text = OffsetEncoder(tokenizer).add_bos(text)[0]  # as training and its sample generations encode
     x = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    stops = eos_list(exp.generation_config.eos_token_id)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    stops = eos_list(exp.generation_config.eos_token_id)  # what the export's users will stop on
+    # Where the turn ends is the template's business, not the export's config (which is under test).
+    turn_end = eos_list(end_of_turn_ids(tokenizer, template), tokenizer.eos_token_id)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else turn_end[0]
     with torch.no_grad():
         free = GenerationConfig(max_new_tokens=MAX_NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=pad)
         ref_out = ref.generate(input_ids=x, generation_config=free)[0, x.shape[1]:].tolist()
         cfg = GenerationConfig(**{**exp.generation_config.to_diff_dict(), "max_new_tokens": MAX_NEW_TOKENS,
                                   "do_sample": False, "num_beams": 1, "pad_token_id": pad})
         got = exp.generate(input_ids=x, generation_config=cfg)[0, x.shape[1]:].tolist()
-    end = next((i for i, t in enumerate(ref_out) if t in stops), None)
+    end = next((i for i, t in enumerate(ref_out) if t in turn_end), None)
     reply = tokenizer.decode(got, skip_special_tokens=False)
-    report.numbers.update(reply=reply, reply_tokens=len(got), turn_end=end)
+    report.numbers.update(reply=reply, reply_tokens=len(got), turn_end=end, eos_token_id=stops)
     if end is None:
         report.lines.append(f"note: the model did not end its turn within {MAX_NEW_TOKENS} tokens (undertrained?); "
-                            f"eos_token_id {stops}")
-    stopped_at_end = bool(got) and got[-1] in stops and all(t not in stops for t in got[:-1])
-    if exact and end is not None and got != ref_out[:end + 1]:
+                            f"end-of-turn ids {turn_end}")
+    stopped_at_end = bool(got) and got[-1] in turn_end and all(t not in turn_end for t in got[:-1])
+    if end is not None and not stopped_at_end:
+        report.fail(f"generation did not stop at the end-of-turn token {turn_end} (generation_config eos_token_id "
+                    f"{stops}): {len(got)} tokens, reply {reply!r}")
+    elif exact and end is not None and got != ref_out[:end + 1]:
         report.fail(f"generation: export {got[:end + 2]} != run {ref_out[:end + 1]} (reply {reply!r})")
-    elif end is not None and not stopped_at_end:
-        report.fail(f"generation did not stop at the end-of-turn token {stops}: {len(got)} tokens, reply {reply!r}")
     elif end is not None:
         report.lines.append(f"ok generation stops at end-of-turn after {len(got)} tokens: {reply!r}")
 
