@@ -101,7 +101,8 @@ def card_text(spec: Any, ckpt: Any, info: dict[str, Any], sources: list[tuple[st
     lines += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
               "tok = AutoTokenizer.from_pretrained(PATH)",
               "model = AutoModelForCausalLM.from_pretrained(PATH)" if info["kind"] != "adapter"
-              else "from peft import AutoPeftModelForCausalLM; model = AutoPeftModelForCausalLM.from_pretrained(PATH)",
+              else "from peft import AutoPeftModelForCausalLM; model = AutoPeftModelForCausalLM.from_pretrained(PATH)\n"
+              "from transformers import GenerationConfig; model.generation_config = GenerationConfig.from_pretrained(PATH)",
               "ids = tok.apply_chat_template([{'role': 'user', 'content': 'Hi'}], add_generation_prompt=True, return_tensors='pt')",
               "out = model.generate(ids, max_new_tokens=128)  # generation_config stops at the end-of-turn token",
               "```", ""]

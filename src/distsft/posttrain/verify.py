@@ -90,8 +90,13 @@ def exported_model(out: Path, info: dict[str, Any]) -> Any:
         return AutoModelForCausalLM.from_pretrained(out, dtype="auto")
     import torch
     from peft import PeftModel
+    from transformers import GenerationConfig
     base = _base(Path(info["base_model"]), qlora=False)
-    return PeftModel.from_pretrained(base, str(out)).to(getattr(torch, info["dtype"]))
+    model = PeftModel.from_pretrained(base, str(out)).to(getattr(torch, info["dtype"]))
+    # PEFT keeps the base's generation_config; the one this export ships is the one to check (the card
+    # says to load it: GenerationConfig.from_pretrained(PATH)).
+    model.generation_config = GenerationConfig.from_pretrained(out)
+    return model
 
 
 def examples(spec: Any, tokenizer: Any) -> list[list[int]]:
