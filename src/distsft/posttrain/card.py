@@ -16,7 +16,6 @@ from typing import Any
 from distsft import rundir
 
 PLOTS = (rundir.LOSS_CURVES_PNG, rundir.LR_SCHEDULE_PNG, rundir.LENGTH_HISTOGRAM_PNG)
-EVAL_DIR, EVAL_RESULTS = "eval", "results.json"
 
 
 def _sources(spec: Any) -> list[tuple[str, str]]:
@@ -52,7 +51,7 @@ def _losses(run_dir: Path) -> tuple[float | None, float | None]:
 
 
 def _eval_results(run_dir: Path, name: str) -> list[tuple[str, str, float]]:
-    path = run_dir / EVAL_DIR / name / EVAL_RESULTS
+    path = rundir.eval_results(run_dir, name)
     if not path.is_file():
         return []
     results = json.loads(path.read_text()).get("results", {})

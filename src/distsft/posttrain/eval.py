@@ -22,15 +22,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from distsft import rundir
 from distsft.errors import SpecError
 from distsft.posttrain import source
 
-EVAL_DIR, RESULTS_FILE = "eval", "results.json"
 BATCH_SIZE = 8  # lm-eval's requests per forward; 1 (its default) leaves a GPU mostly idle
-
-
-def results_path(run_dir: str | Path, name: str) -> Path:
-    return Path(run_dir) / EVAL_DIR / str(name) / RESULTS_FILE
 
 
 def task_list(tasks: str | list[str] | None, spec: Any) -> list[str]:
@@ -47,7 +43,7 @@ def include_paths(spec: Any, run_dir: Path) -> list[str]:
     paths = [paths] if isinstance(paths, str) else list(paths or [])
     out = []
     for p in paths:
-        q = Path(p) if Path(p).is_absolute() else (run_dir / p)
+        q = Path(p) if Path(p).is_dir() else (run_dir / p)  # as given (absolute or from here), else the run's
         if not q.is_dir():
             raise SpecError(f"eval.include_path: {p} is not a directory")
         out.append(str(q.resolve()))
@@ -119,9 +115,8 @@ def write_sinks(run_dir: Path, spec: Any, step: int, scalars: dict[str, float]) 
     """Append the scores to metrics.jsonl and the run's TensorBoard / W&B (same run id) at `step`."""
     if not scalars:
         return
-    from distsft.observe.metrics import METRICS_FILE
     record = {"step": int(step), **scalars}
-    with open(run_dir / METRICS_FILE, "a") as f:  # appended: earlier lines (and later steps) stay
+    with open(run_dir / rundir.METRICS, "a") as f:  # appended: earlier lines (and later steps) stay
         f.write(json.dumps(record) + "\n")
     extra = [r for r in spec.logging.report_to if r != "jsonl"]
     if extra:
@@ -161,7 +156,7 @@ def run_eval(run_dir: str | Path, checkpoint: str = source.FINAL, tasks: str | l
     from lm_eval.utils import handle_non_serializable, make_table
     results["distsft"] = {"checkpoint": ckpt.name, "step": ckpt.step, "path": str(ckpt.path),
                           "seconds": round(time.time() - started, 2), "apply_chat_template": chat}
-    path = results_path(run, ckpt.name)
+    path = rundir.eval_results(run, ckpt.name)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=1, default=handle_non_serializable) + "\n")
     write_sinks(run, spec, ckpt.step, metric_records(results))
