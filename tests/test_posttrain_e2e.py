@@ -87,7 +87,9 @@ output_dir: {out}
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return train(tmp_path_factory.mktemp("posttrain"), "full", "distributed:\n  backend: ddp\n")
+    # eval.after_training: `distsft run` evaluates the final model once training succeeded.
+    return train(tmp_path_factory.mktemp("posttrain"), "full", "distributed:\n  backend: ddp\n"
+                 f"eval:\n  tasks: [tiny_arith]\n  include_path: {TASKS}\n  after_training: true\n")
 
 
 @pytest.fixture(scope="module")
@@ -109,16 +111,19 @@ def tb_scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
 
 # ----------------------------------------------------------------------------------------- eval
 
-def test_eval_final_results_and_sinks_match_lm_eval(full_run: Path) -> None:
+def test_eval_after_training_then_eval_command_agree_with_lm_eval(full_run: Path) -> None:
+    results_file = full_run / "eval" / "final" / "results.json"
+    after = json.loads(results_file.read_text())  # written by eval.after_training at the end of the run
     p = ok(distsft("eval", full_run, "--tasks", "tiny_arith", f"eval.include_path={TASKS}"))
-    results = json.loads((full_run / "eval" / "final" / "results.json").read_text())
+    results = json.loads(results_file.read_text())
     acc = results["results"]["tiny_arith"]["acc,none"]
+    assert after["results"]["tiny_arith"]["acc,none"] == acc
     assert 0.0 <= acc <= 1.0 and results["n-samples"]["tiny_arith"]["effective"] == 24
     assert results["distsft"]["step"] == 12 and results["distsft"]["apply_chat_template"] is True
     assert "tiny_arith" in p.stdout
-    line = [m for m in metrics(full_run) if "eval/tiny_arith/acc" in m]
-    assert len(line) == 1 and line[0]["step"] == 12 and line[0]["eval/tiny_arith/acc"] == pytest.approx(acc)
-    assert tb_scalars(full_run)["eval/tiny_arith/acc"] == [(12, pytest.approx(acc))]
+    lines = [m for m in metrics(full_run) if "eval/tiny_arith/acc" in m]
+    assert [(m["step"], m["eval/tiny_arith/acc"]) for m in lines] == [(12, pytest.approx(acc))] * 2
+    assert tb_scalars(full_run)["eval/tiny_arith/acc"] == [(12, pytest.approx(acc))] * 2
     # lm-eval's own command line on the same model, template and task gives the same score.
     e = env()
     direct = subprocess.run(
