@@ -263,3 +263,32 @@ def test_push_round_trip_through_the_standin(tmp_path: Path, monkeypatch: pytest
     assert repo["private"] is False
     assert repo["files"] == {f.name: f.read_bytes() for f in folder.iterdir()}
     assert any(r["path"].endswith("objects/batch") for r in hub.requests)  # the weights went by LFS
+
+
+# ----------------------------------------------------------------------------------------- spec + after_training
+
+def _spec(**eval_section: object):
+    from distsft.config.spec import validate
+    return validate({"model": {"name_or_path": "m"}, "data": {"train_files": ["x.jsonl"]},
+                     "eval": eval_section, "slurm": {"partition": "gpu", "account": "acct"}})
+
+
+def test_eval_section_of_the_spec() -> None:
+    s = _spec(tasks=["tiny_arith"], include_path="examples/eval_tasks", after_training=True)
+    assert (s.eval.tasks, s.eval.apply_chat_template, s.eval.after_training) == (["tiny_arith"], None, True)
+    with pytest.raises(SpecError, match=r"eval\.after_training needs eval\.tasks"):
+        _spec(after_training=True)
+    with pytest.raises(SpecError, match="eval.limit"):
+        _spec(tasks=["x"], limit=3)
+
+
+def test_after_training_runs_where_the_readme_says() -> None:
+    from distsft.launch.after import eval_job_parameters, local_command
+    assert local_command(Path("/r"), 4, cuda=True)[1:] == [
+        "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "4",
+        "-m", "distsft.posttrain.eval", "/r", "final"]
+    assert local_command(Path("/r"), 2, cuda=False)[1:] == ["-m", "distsft.posttrain.eval", "/r", "final"]
+    p = eval_job_parameters(_spec(tasks=["x"], after_training=True), True, "4242")
+    assert p["nodes"] == 1 and p["ntasks_per_node"] == 1 and p["gpus_per_node"] == 1
+    assert p["additional_parameters"]["dependency"] == "afterok:4242"
+    assert (p["partition"], p["account"]) == ("gpu", "acct")
