@@ -287,3 +287,37 @@ def test_adapter_whose_base_is_gone_exits_2(lora_run: Path, tmp_path: Path) -> N
     (moved / "run.yaml").write_text(run_yaml)
     p = distsft("export", moved, "--out", tmp_path / "x", "--merge")
     assert p.returncode == 2 and "base model" in p.stderr and gone in p.stderr, p.stderr
+
+
+def test_dcp_checkpoint_export_equals_the_final_adapter(lora_run: Path) -> None:
+    """The last FSDP2 checkpoint (DCP shards) and the final adapter hold the same weights: merged, the two
+    exports are bitwise equal."""
+    from safetensors.torch import load_file
+    a, b = lora_run.parent / "merged-12", lora_run.parent / "merged-final"
+    ok(distsft("export", lora_run, "--out", a, "--checkpoint", "12", "--merge"))
+    ok(distsft("export", lora_run, "--out", b, "--merge"))
+    ta, tb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert ta.keys() == tb.keys() and all(torch_equal(ta[k], tb[k]) for k in ta)
+
+
+def torch_equal(x, y) -> bool:
+    import torch
+    return bool(torch.equal(x, y))
+
+
+@pytest.fixture(scope="module")
+def zero3_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train(tmp_path_factory.mktemp("posttrain-z3"), "zero3",
+                 "distributed:\n  backend: deepspeed\n  zero_stage: 3\n")
+
+
+def test_export_zero3_partitions_equal_the_consolidated_final_model(zero3_run: Path) -> None:
+    """An intermediate ZeRO-3 checkpoint holds only DeepSpeed's partitions; its export (rebuilt by
+    DeepSpeed's zero_to_fp32, a tensor at a time) equals the final model HF consolidated at the end."""
+    from safetensors.torch import load_file
+    assert not (zero3_run / "checkpoint-12" / "model.safetensors").exists()
+    out = zero3_run.parent / "export-z3"
+    p = ok(distsft("export", zero3_run, "--out", out, "--checkpoint", "12"))
+    assert "max |diff| 0 " in p.stdout and json.loads((out / "distsft_export.json").read_text())["layout"] == "zero"
+    got, final = load_file(out / "model.safetensors"), load_file(zero3_run / "model.safetensors")
+    assert got.keys() == final.keys() and all(torch_equal(got[k], final[k]) for k in got)
