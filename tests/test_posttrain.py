@@ -94,9 +94,19 @@ def test_streaming_merge_equals_peft_merge(tmp_path: Path, tiny_model_dir: Path,
     assert changed == 6  # q, v, down in both layers
 
 
-def test_dora_goes_to_peft_merge() -> None:
-    assert merge.needs_peft_merge(["x.lora_A.weight"], {"use_dora": True}) == "DoRA"
+def test_dora_goes_to_peft_merge(tmp_path: Path, tiny_model_dir: Path) -> None:
     assert merge.needs_peft_merge(["x.lora_A.weight"], {"modules_to_save": ["lm_head"]}) == "modules_to_save"
+    peft, adapter_dir = _tiny_peft(tmp_path, tiny_model_dir, use_dora=True)
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert merge.needs_peft_merge(["x.lora_A.weight"], cfg) == "DoRA"
+    x = torch.tensor([[1, 5, 9, 33, 70, 101]])
+    with torch.no_grad():
+        ref = peft(input_ids=x).logits
+    from transformers import AutoModelForCausalLM
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    plain.load_state_dict(merge.peft_merged_state(tiny_model_dir, adapter_dir, torch.float32))
+    with torch.no_grad():
+        assert torch.allclose(plain(input_ids=x).logits, ref, atol=1e-5)
 
 
 def test_qlora_merge_is_the_4bit_model(tmp_path: Path, tiny_model_dir: Path) -> None:

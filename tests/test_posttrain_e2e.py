@@ -321,3 +321,12 @@ def test_export_zero3_partitions_equal_the_consolidated_final_model(zero3_run: P
     assert "max |diff| 0 " in p.stdout and json.loads((out / "distsft_export.json").read_text())["layout"] == "zero"
     got, final = load_file(out / "model.safetensors"), load_file(zero3_run / "model.safetensors")
     assert got.keys() == final.keys() and all(torch_equal(got[k], final[k]) for k in got)
+
+
+def test_export_best_checkpoint(full_run: Path) -> None:
+    state = json.loads((full_run / "checkpoint-12" / "trainer_state.json").read_text())
+    out = full_run.parent / "export-best"
+    ok(distsft("export", full_run, "--out", out, "--checkpoint", "best"))
+    info = json.loads((out / "distsft_export.json").read_text())
+    assert Path(info["checkpoint_path"]).name == Path(state["best_model_checkpoint"]).name
+    assert info["step"] == state["best_global_step"]
