@@ -28,7 +28,7 @@ $(VENV)/.distsft: pyproject.toml constraints.txt $(VENV)/.torch
 	@touch $@
 
 $(VENV)/.distsft-dev: pyproject.toml constraints.txt $(VENV)/.distsft
-	$(PY) -m pip install -q $(CONSTRAINTS) -e '.[dev]'
+	$(PY) -m pip install -q $(CONSTRAINTS) -e '.[dev,eval]'
 	@touch $@
 
 setup: $(VENV)/.distsft

@@ -1,4 +1,4 @@
-"""The `distsft` command: init, plan, render, run, submit, prepare, sanity.
+"""The `distsft` command: init, plan, render, run, submit, prepare, sanity, eval, export.
 
 Every user-caused error (spec, data, command line) ends in one message and exit code 2.
 """
@@ -276,6 +276,38 @@ def init(model: str = typer.Option(..., "--model", help="a bundled family's hub 
     """Write a commented spec for a model: hyperparameters by size and method, a backend and micro-batch that fit."""
     from distsft.launch.init import run as run_init
     _exit_with(run_init, model, method, nodes, gpus, gpu_memory_gb, data, str(out))
+
+
+CHECKPOINT = typer.Option(None, "--checkpoint", help="final (default), best, or a step N (checkpoint-N)")
+
+
+@app.command("eval")
+def eval_(run_dir: Path = typer.Argument(..., metavar="RUN_DIR"), overrides: Optional[list[str]] = OVERRIDES,
+          checkpoint: Optional[str] = CHECKPOINT,
+          tasks: Optional[str] = typer.Option(None, "--tasks", help="lm-eval tasks a,b (default: eval.tasks)")) -> None:
+    """lm-evaluation-harness on a checkpoint: RUN_DIR/eval/<checkpoint>/results.json and eval/<task>/<metric>
+    in the run's metrics."""
+    from distsft.posttrain.command import eval_command
+    _exit_with(eval_command, str(run_dir), checkpoint, tasks, overrides)
+
+
+@app.command()
+def export(run_dir: Path = typer.Argument(..., metavar="RUN_DIR"), overrides: Optional[list[str]] = OVERRIDES,
+           out: Optional[Path] = typer.Option(None, "--out", help="the export directory"),
+           checkpoint: Optional[str] = CHECKPOINT,
+           merge: bool = typer.Option(False, "--merge", help="merge a LoRA/QLoRA adapter into its base"),
+           dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 (default: as trained)"),
+           push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", metavar="REPO", help="upload to user/name (HF_TOKEN)"),
+           private: bool = typer.Option(False, "--private", help="create the hub repository private"),
+           overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty --out"),
+           check: bool = typer.Option(False, "--check", help="verify an existing export against the run"),
+           max_shard_size: Optional[str] = typer.Option(None, "--max-shard-size", help="largest safetensors file (2GB)")) -> None:
+    """HF safetensors from a checkpoint of any backend, verified by reloading it; 1 when it does not match."""
+    from distsft.posttrain.command import export_command
+    from distsft.runtime.envvars import hf_token
+    _exit_with(export_command, str(run_dir), str(out) if out else None, checkpoint, merge, dtype, push_to_hub,
+               private, overwrite, check, hf_token() if push_to_hub else None, max_shard_size, overrides)
+
 
 
 def main() -> None:

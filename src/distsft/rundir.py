@@ -32,6 +32,15 @@ THROUGHPUT = "throughput.jsonl"
 # (rank 0 writes it; plan.fit reads it so a resume uses the same).
 AUTO_BATCH = "auto_batch.json"
 
+# ----------------------------------------------------------------- written after training (posttrain/)
+EVAL = "eval"  # posttrain.eval: eval/<checkpoint>/results.json, lm-eval's results (`distsft eval`)
+EVAL_RESULTS = "results.json"
+EVAL_LOG = "eval.log"  # launch.slurm: the afterok eval job's output (eval.after_training under submit)
+
+
+def eval_results(output_dir: str | Path, checkpoint: str) -> Path:
+    return Path(output_dir) / EVAL / str(checkpoint) / EVAL_RESULTS
+
 # ----------------------------------------------------------------- checkpoint/ (both sides)
 CHECKPOINT_PREFIX = "checkpoint-"  # checkpoint-STEP/: all ranks write, complete-or-absent
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")

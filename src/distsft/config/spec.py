@@ -403,6 +403,20 @@ class CheckpointSpec(_Section):
     early_stopping_patience: int | None = Field(None, ge=1)
 
 
+class EvalSpec(_Section):
+    """lm-evaluation-harness after training (`distsft eval`; posttrain/eval.py)."""
+    tasks: list[str] = Field(default_factory=list)  # lm-eval task names (registered or under include_path)
+    include_path: list[str] | str | None = None  # directories of local task YAMLs (private, offline)
+    apply_chat_template: bool | None = None  # None: on for chat-format runs, off for data.format: text
+    after_training: bool = False  # evaluate the final model when training ends (see README)
+
+    @model_validator(mode="after")
+    def _needs_tasks(self) -> "EvalSpec":
+        if self.after_training and not self.tasks:
+            raise ValueError("eval.after_training needs eval.tasks")
+        return self
+
+
 class RunSpec(_Section):
     model: ModelSpec
     data: DataSpec
@@ -412,6 +426,7 @@ class RunSpec(_Section):
     slurm: SlurmSpec = Field(default_factory=SlurmSpec)
     logging: LoggingSpec = Field(default_factory=LoggingSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
     output_dir: str = "outputs/run"
 
     @model_validator(mode="after")

@@ -198,11 +198,14 @@ def run(spec_path: str, overrides: list[str], gpus: int | None) -> int:
         make_plan(spec)  # batch arithmetic errors (exit 2) before anything is written
         paths = write_run_dir(spec, out, cuda=cuda, bf16_supported=bf16_ok)
         ready_for_ranks(spec, cuda)
+        from distsft.launch.after import check_tasks, eval_locally
+        check_tasks(spec, out)  # eval.after_training: an unknown task is exit 2 before training
         print(f"distsft: run dir {out} ready in {time.perf_counter() - started:.1f} s; launching", flush=True)
         extra = launch_env(spec, cuda)
         if not cuda:
             extra["DS_ACCELERATOR"] = "cpu"  # say it, instead of DeepSpeed warning on every rank
         port = rendezvous_port(spec) if spec.distributed.gpus_per_node > 1 else None
-        return launch(paths["run"], paths["accelerate"], out, extra, port)
+        rc = launch(paths["run"], paths["accelerate"], out, extra, port)
+        return eval_locally(spec, out, cuda) if rc == 0 and spec.eval.after_training else rc
     finally:
         lock.release()

@@ -306,6 +306,8 @@ def submit(spec_path: str, overrides: list[str], nodes: int | None, gpus: int | 
         return _print_dry_run(folder, params, run_yaml, plan, res["notes"])
 
     _check_account(spec.slurm.account)
+    from distsft.launch.after import check_tasks, submit_eval_job
+    check_tasks(spec, out)  # eval.after_training: an unknown task is exit 2 before anything is queued
     if prepare:
         # On this host, before anything is queued: bad data is exit 2 here, not a failed job holding GPUs,
         # and the ranks find the caches built (job.prepare_split builds only what is missing).
@@ -332,6 +334,8 @@ def submit(spec_path: str, overrides: list[str], nodes: int | None, gpus: int | 
     except Exception as exc:  # noqa: BLE001 - sbatch's own message, in one line
         shutil.rmtree(folder.parent, ignore_errors=True)
         raise SpecError(f"sbatch refused the job: {_sbatch_message(exc)}") from None
+    if spec.eval.after_training:  # a separate one-node job after this one (launch/after.py says why)
+        submit_eval_job(spec, out, folder.parent / "eval-%j", gpus_on_nodes, job.job_id)
     log = Path(str(job.paths.stdout).replace("%t", "0"))
     print(f"submitted job {job.job_id}: {plan.nodes} node(s) × {plan.gpus_per_node} = {plan.world_size} ranks, "
           f"global batch {plan.global_batch_size}")

@@ -28,7 +28,8 @@ def scalar_tags(record: dict[str, Any]) -> dict[str, float]:
     so both dashboards group the curves the same way."""
     is_eval = any(k.startswith("eval_") for k in record)
     section = "eval" if is_eval else "train"
-    return {f"{section}/{k.removeprefix('eval_')}": float(v) for k, v in record.items()
+    # A key that is already a tag (`eval/<task>/<metric>` from `distsft eval`) keeps its name.
+    return {k if "/" in k else f"{section}/{k.removeprefix('eval_')}": float(v) for k, v in record.items()
             if k != "step" and _numeric(v)}
 
 

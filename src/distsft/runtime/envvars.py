@@ -27,6 +27,12 @@ def wandb_api_key() -> str | None:
     return os.environ.get("WANDB_API_KEY")
 
 
+def hf_token() -> str | None:
+    """The Hugging Face token for `distsft export --push-to-hub` (HF_TOKEN). Handed to huggingface_hub in
+    memory only: never written to a file or printed."""
+    return os.environ.get("HF_TOKEN") or None
+
+
 def tokenizers_single_threaded() -> None:
     """One process per core already (ranks, build workers): no tokenizers thread pool under us."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
