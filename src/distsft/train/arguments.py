@@ -15,8 +15,10 @@ def sft_config(r: Any) -> Any:
     """`r` is the rank's train.recipe.Rank after load_data."""
     from trl import SFTConfig
     from distsft.train.backend import process_group_timeout_s, render_deepspeed
+    from distsft.runtime.hardware import cuda_info, tf32_arg
     from distsft.train.fsdp import uses_hf_checkpointing
     spec, t, batch, e = r.spec, r.spec.train, r.batch, dist.env()
+    cuda, _, major = cuda_info()
     ds_config = render_deepspeed(spec, batch, r.precision) if spec.distributed.backend == "deepspeed" else None
     if r.load_universal:
         from distsft.checkpoint.universal import with_load_universal
@@ -32,6 +34,7 @@ def sft_config(r: Any) -> Any:
         lr_scheduler_kwargs=scheduler_kwargs(t, total) or {},  # min-LR cosine / WSD need the step count
         **option_args(spec),
         seed=t.seed, data_seed=t.seed, bf16=r.precision == "bf16", fp16=r.precision == "fp16",
+        tf32=tf32_arg(cuda and r.cuda, major),  # TF32 for the fp32 matmuls on Ampere+ (issue 19 item 15)
         # FSDP2 full fine-tuning checkpoints with FSDP's own wrapper instead (fsdp.accelerate_fsdp_config).
         **checkpointing_args(uses_hf_checkpointing(spec)), **_fsdp_args(spec, batch.gradient_accumulation_steps),
         logging_steps=spec.logging.logging_steps, report_to="none", disable_tqdm=True,

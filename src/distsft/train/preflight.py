@@ -7,12 +7,23 @@ from __future__ import annotations
 from typing import Any
 
 from distsft.config.optim import check_available
-from distsft.runtime.hardware import check_kernels, choose_attn
+from distsft.runtime import dist
+from distsft.runtime.hardware import check_kernels, choose_attn, cuda_info
+
+
+def half_compute(spec: Any, precision: str) -> bool:
+    """Does attention run in bf16/fp16? Under mixed precision, with half weights, and under QLoRA
+    (transformers casts q/k/v to the quantized model's compute dtype)."""
+    return (precision in ("bf16", "fp16") or spec.model.torch_dtype in ("bfloat16", "float16")
+            or spec.peft.method == "qlora")
 
 
 def check(spec: Any) -> str:
     """Raise SpecError for an option this machine cannot run; return the attention implementation."""
-    attn = choose_attn(spec.model.attn_implementation)
+    from distsft.train.backend import resolve_precision
+    cuda, bf16_ok, _ = cuda_info()
+    attn = choose_attn(spec.model.attn_implementation, half=half_compute(spec, resolve_precision(spec, cuda, bf16_ok)),
+                       warn=dist.print0)
     check_kernels(spec.model.use_liger_kernel)  # Liger without CUDA
     check_available(spec.train.optim)  # an optimizer whose package is missing
     from distsft.config.seqpar import machine_errors
