@@ -57,3 +57,13 @@ def test_meter_on_cuda_gives_a_fraction(tiny_model_dir):
     f = mfu.meter(model, 1, torch.device("cuda"), override=100.0)
     total, trainable = mfu.count_parameters(model)
     assert f(1e6) == pytest.approx((4 * total + 2 * trainable) * 1e6 / 100e12)
+
+
+def test_fp32_runs_are_measured_against_the_fp32_peak():
+    """Issue 19 item 14: an fp32 run on an H100 compared with the bf16 peak reads half its real MFU."""
+    assert mfu.peak_tflops("NVIDIA H100 80GB HBM3", precision="no") == 989.0 / 2  # TF32, on by distsft
+    assert mfu.peak_tflops("NVIDIA A100-SXM4-80GB", precision="no") == 156.0
+    assert mfu.peak_tflops("Tesla V100-SXM2-32GB", precision="no") == 15.7  # no TF32
+    assert mfu.peak_tflops("NVIDIA H100 80GB HBM3", precision="bf16") == 989.0
+    assert mfu.peak_tflops("Some Future GPU", precision="no") is None
+    assert mfu.peak_tflops("NVIDIA H100 80GB HBM3", override=300.0, precision="no") == 300.0

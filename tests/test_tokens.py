@@ -46,10 +46,11 @@ def test_full_fine_tuning_resizes_and_mean_initialises_only_the_new_rows(tiny_mo
     m = model_lib.load_model(spec, "no", "sdpa", torch.device("cpu"), tokenizer=tok)
     for new_w, old_w in ((m.get_input_embeddings().weight, base.get_input_embeddings().weight),
                          (m.get_output_embeddings().weight, base.get_output_embeddings().weight)):
-        assert new_w.shape[0] == 514
+        assert new_w.shape[0] == 576  # 514 tokens, the vocabulary padded to a multiple of 64 (issue 19)
         torch.testing.assert_close(new_w[:512], old_w)  # <|im_start|>'s trained row is kept
-        for i in (512, 513):
+        for i in (512, 513, 575):  # the new tokens and the padding rows
             torch.testing.assert_close(new_w[i], old_w.mean(0))
+    assert m.config.vocab_size == 576
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora"])

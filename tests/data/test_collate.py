@@ -29,8 +29,11 @@ def _rows(examples, groups=((0, 1, 2), (3, 4))):
 
 def test_layout_positions_labels_and_block_diagonal_mask():
     ex = _examples()
-    batch = PackedCollator(PAD, "sdpa", pad_to_multiple_of=8)(_rows(ex))
-    assert set(batch) == {"input_ids", "labels", "position_ids", "attention_mask"}
+    derived = PackedCollator(PAD, "sdpa", pad_to_multiple_of=8)(_rows(ex))
+    assert set(derived) == {"input_ids", "labels", "position_ids", "use_cache"}  # the model builds the masks
+    batch = PackedCollator(PAD, "sdpa", pad_to_multiple_of=8, explicit_mask=True)(_rows(ex))
+    assert set(batch) == {"input_ids", "labels", "position_ids", "use_cache", "attention_mask"}
+    assert all(torch.equal(batch[k], derived[k]) for k in ("input_ids", "labels", "position_ids"))
     assert batch["input_ids"].shape == (2, 24)  # longest row 24 tokens, already a multiple of 8
     assert batch["position_ids"][0].tolist() == [*range(7), *range(12), *range(5)]
     assert batch["position_ids"][1, :13].tolist() == [*range(9), *range(4)]
@@ -47,7 +50,7 @@ def test_layout_positions_labels_and_block_diagonal_mask():
 
 def test_eager_mask_is_additive_float_and_flash_is_padding_free():
     ex = _examples()
-    eager = PackedCollator(PAD, "eager")(_rows(ex))["attention_mask"]
+    eager = PackedCollator(PAD, "eager", explicit_mask=True)(_rows(ex))["attention_mask"]
     assert eager.dtype == torch.float32 and set(eager.unique().tolist()) == {0.0, torch.finfo(torch.float32).min}
     fa = PackedCollator(PAD, "flash_attention_2", pad_to_multiple_of=16)(_rows(ex))
     assert "attention_mask" not in fa
@@ -73,15 +76,15 @@ def _per_example(model, ex):
     return logits, losses, counts
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packed_logits_and_loss_equal_one_example_at_a_time(tiny_model_dir, attn):
+@pytest.mark.parametrize("attn,explicit", [("sdpa", False), ("eager", False), ("sdpa", True), ("eager", True)])
+def test_packed_logits_and_loss_equal_one_example_at_a_time(tiny_model_dir, attn, explicit):
     from transformers import AutoModelForCausalLM
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attn,
                                                  dtype=torch.float32).eval()
     ex = _examples()
     groups = ((0, 1, 2), (3, 4))
-    batch = PackedCollator(PAD, attn)(_rows(ex, groups))
+    batch = PackedCollator(PAD, attn, explicit_mask=explicit)(_rows(ex, groups))
     with torch.no_grad():
         out = model(**batch)
         alone, losses, counts = _per_example(model, ex)

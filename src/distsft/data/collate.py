@@ -2,12 +2,20 @@
 
 How transformers 5.x takes the attention information (checked in masking_utils.py and
 modeling_flash_attention_utils.py):
-  * sdpa / eager: a 4D `attention_mask` [B, 1, L, L] is used as-is (no causal mask is added on top).
-    sdpa takes a bool mask (True = may attend); eager *adds* the mask to the scores, so it needs a
-    float mask (0 = attend, dtype min = blocked) -- a bool mask there would silently add 0/1.
+  * sdpa / eager: no mask at all. Positions restart at 0 at every example, and with no attention_mask
+    and no cache (`_preprocess_mask_arguments`) the model finds the examples from the position ids
+    (`find_packed_sequence_indices`: a new one wherever positions do not go up by 1) and builds each
+    layer type's mask itself, on its own device: full-causal layers causal within the example,
+    sliding-window layers (Mistral, Gemma-2/3, gpt-oss, Cohere2) windowed within the example. A
+    prebuilt 4D mask, which distsft passed before, reached the sliding layers unchanged (4D masks are
+    returned as-is), so they trained with full causal attention -- and it cost O(L^2) host memory and a
+    host-to-device copy per micro-batch.
   * flash_attention_2/3: varlen only happens for batch size 1 (`_is_packed_sequence` requires it) or
     with explicit `cu_seq_lens_q/k` + `max_length_q/k`. So rows are concatenated into one [1, T]
-    sequence ("padding-free", like TRL) and the boundaries are passed explicitly; no attention_mask.
+    sequence ("padding-free", like TRL) and the boundaries are passed explicitly; each layer passes its
+    own window to flash-attn.
+  * `explicit_mask=True` (models from remote code, which may not derive masks from positions): the 4D
+    block mask [B, 1, L, L] as before -- bool for sdpa, additive float for eager (eager *adds* it).
 """
 
 from __future__ import annotations
@@ -25,14 +33,15 @@ class PackedCollator:
     """Rows (input_ids, labels, seq_lengths) -> model kwargs with example-isolating attention."""
 
     def __init__(self, pad_token_id: int, attn_implementation: str, pad_to_multiple_of: int | None = None,
-                 mask_dtype: torch.dtype = torch.float32):
+                 explicit_mask: bool = False, mask_dtype: torch.dtype = torch.float32):
         if attn_implementation not in FLASH + MASKED:
             raise ValueError(f"PackedCollator supports {', '.join(FLASH + MASKED)}; got "
                              f"{attn_implementation!r} (resolve 'auto' to the model's implementation first)")
         self.pad_token_id = pad_token_id
         self.attn_implementation = attn_implementation
         self.pad_to_multiple_of = pad_to_multiple_of
-        self.mask_dtype = mask_dtype  # eager only: the dtype of the additive mask
+        self.explicit_mask = explicit_mask
+        self.mask_dtype = mask_dtype  # explicit eager masks only: the dtype of the additive mask
 
     def _round(self, n: int) -> int:
         m = self.pad_to_multiple_of
@@ -75,6 +84,10 @@ class PackedCollator:
             cu = torch.from_numpy(np.concatenate(([0], np.cumsum(lens))).astype(np.int32))
             batch.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=int(lens.max()),
                          max_length_k=int(lens.max()))
+            return batch
+        # Padding restarts its positions too (above): a sequence of its own, never part of an example.
+        batch["use_cache"] = False  # transformers derives packed masks only without a cache
+        if not self.explicit_mask:
             return batch
         seg = torch.from_numpy(segment)
         causal = torch.ones(width, width, dtype=torch.bool).tril_()

@@ -8,7 +8,9 @@ the activation gradients (needed through frozen layers too) plus 2 per *trainabl
 weight gradients. Full fine-tuning: 6N; LoRA: ≈ 4N. Attention's own FLOPs and recomputation under
 activation checkpointing are not counted (the usual MFU, not HFU). The peak is the device's dense
 bf16/fp16 tensor-core rate, looked up by its name (`logging.peak_tflops` overrides); an unknown device
-without the override logs no mfu (and says so once).
+without the override logs no mfu (and says so once). An fp32 run (train.bf16: false) is measured
+against the fp32 peak instead: the TF32 tensor-core rate on Ampere and newer (distsft turns TF32 on;
+half the bf16 rate on these parts), the plain fp32 rate on parts without TF32 (V100, T4, MI250).
 """
 
 from __future__ import annotations
@@ -27,15 +29,28 @@ PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
 )
 
 
-def peak_tflops(device_name: str, override: float | None = None) -> float | None:
-    """Peak dense bf16 TFLOP/s of one device, by (a substring of) its name; `override` wins."""
-    if override:
-        return float(override)
+# fp32 matmul peak where it is not half the bf16 one: no TF32 (V100, T4), or a 1:4 ratio (MI250).
+FP32_TFLOPS: tuple[tuple[str, float], ...] = (("V100", 15.7), ("T4", 8.1), ("MI250X", 95.7), ("MI250", 90.5))
+
+
+def _lookup(table: tuple[tuple[str, float], ...], device_name: str) -> float | None:
     name = device_name.upper()
-    for key, value in sorted(PEAK_TFLOPS, key=lambda kv: -len(kv[0])):
+    for key, value in sorted(table, key=lambda kv: -len(kv[0])):
         if key.upper() in name:
             return value
     return None
+
+
+def peak_tflops(device_name: str, override: float | None = None, precision: str = "bf16") -> float | None:
+    """Peak dense TFLOP/s of one device for the run's precision ("bf16"/"fp16", or "no" for fp32), by (a
+    substring of) its name; `override` wins."""
+    if override:
+        return float(override)
+    bf16 = _lookup(PEAK_TFLOPS, device_name)
+    if precision not in ("no", "fp32") or bf16 is None:
+        return bf16
+    fp32 = _lookup(FP32_TFLOPS, device_name)
+    return fp32 if fp32 is not None else bf16 / 2
 
 
 def _numel(p: Any) -> int:
@@ -79,13 +94,13 @@ def mfu(tokens_per_second: float, fpt: float, world_size: int, peak_tflops_per_d
 
 
 def meter(model: Any, world_size: int, device: Any, override: float | None = None,
-          warn: Callable[[str], None] | None = None) -> Callable[[float], float] | None:
-    """tokens/s → mfu for this model on this device, or None on CPU / an unknown device."""
+          warn: Callable[[str], None] | None = None, precision: str = "bf16") -> Callable[[float], float] | None:
+    """tokens/s → mfu for this model on this device at this precision, or None on CPU / an unknown device."""
     if getattr(device, "type", str(device)) != "cuda":
         return None
     import torch
     name = torch.cuda.get_device_name(device)
-    peak = peak_tflops(name, override)
+    peak = peak_tflops(name, override, precision)
     if peak is None:
         if warn:
             warn(f"mfu not logged: the peak FLOP/s of {name!r} is not known; set logging.peak_tflops")

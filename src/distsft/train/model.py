@@ -64,7 +64,10 @@ def rope_config(spec: RunSpec) -> Any:
 
 def load_model(spec: RunSpec, precision: str, attn: str, device: torch.device, tokenizer: Any = None) -> Any:
     from transformers import AutoModelForCausalLM
-    kwargs: dict[str, Any] = {"attn_implementation": attn, "dtype": weights_dtype(spec, precision),
+    # `auto` without flash attention: transformers' own default, sdpa where the architecture has it and
+    # eager where not (Gemma-2); the collator then follows what the model got (recipe.build_trainer).
+    requested = None if spec.model.attn_implementation == "auto" and attn == "sdpa" else attn
+    kwargs: dict[str, Any] = {"attn_implementation": requested, "dtype": weights_dtype(spec, precision),
                               "trust_remote_code": spec.model.trust_remote_code}
     sharded = is_sharded(spec)
     if spec.model.rope_parameters:
@@ -165,3 +168,10 @@ def save_merged(adapter_dir: str, out_dir: str, dtype: torch.dtype) -> None:
     from peft import AutoPeftModelForCausalLM
     model = AutoPeftModelForCausalLM.from_pretrained(adapter_dir, dtype=dtype)
     model.merge_and_unload().save_pretrained(out_dir)
+
+
+def derives_packed_masks(model: Any) -> bool:
+    """transformers' own architectures build their attention masks in masking_utils, which finds packed
+    examples from restarting position ids (data.collate); remote code may not, so it gets explicit masks."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return type(base).__module__.startswith("transformers.models.")

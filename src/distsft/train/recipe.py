@@ -247,6 +247,7 @@ def build_trainer(r: Rank) -> None:
     from distsft.train.diagnostics import Diagnostics
     from distsft.train.finish import plan_plots, record_start
     from distsft.train.generation import SampleGenerations
+    from distsft.train.step_sync import StepWindow
     from distsft.train.trainer import DistSFTTrainer, PreemptionCallback, RunContext, SinkCallback
     spec, t, b, e, stats = r.spec, r.spec.train, r.batch, dist.env(), r.stats
     resume_step = r.marker.step if r.marker else 0
@@ -270,13 +271,18 @@ def build_trainer(r: Rank) -> None:
         r.ctx.seqpar = Layout(e.world_size, e.rank, b.sequence_parallel_size)
         if spec.distributed.backend == "fsdp":  # ring attention: accelerate shards the rows itself
             r.ctx.ring, r.ctx.seqpar = r.ctx.seqpar, None
-    r.ctx.mfu = meter(r.model, e.world_size, r.device, spec.logging.peak_tflops, warn=dist.print0)
+    r.ctx.mfu = meter(r.model, e.world_size, r.device, spec.logging.peak_tflops, warn=dist.print0,
+                      precision=r.precision)
+    r.ctx.window, r.ctx.compiled = StepWindow(r.device), bool(t.torch_compile)
     packed, strip = _collator(r)
 
     def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
         batch = strip(packed(rows))
+        # Host counts for the logging window (step_sync): the trainer never reads them off the device.
         batch["num_real_tokens"] = sum(int(sum(row["seq_lengths"])) for row in rows)
         batch["batch_checksum"] = sum(row_checksum(row["input_ids"]) for row in rows)
+        batch["num_rows"] = len(rows)  # rows, not micro-batches: flash attention concatenates them into one
+        batch["num_loss_tokens"] = int((batch["labels"][..., 1:] != -100).sum())
         return batch
 
     r.diagnostics = Diagnostics(spec, r.total_steps, r.args.warmup_steps, steps_per_epoch=r.steps_per_epoch,
@@ -285,7 +291,8 @@ def build_trainer(r: Rank) -> None:
     if r.load_universal:
         callbacks.append(universal.resume_callback(r.resume))
     if spec.logging.generation_steps:
-        callbacks.append(SampleGenerations(spec, r.tokenizer, r.writer))
+        callbacks.append(SampleGenerations(spec, r.tokenizer, r.writer, pause=r.ctx.window.paused,
+                                           autocast=lambda: r.trainer.accelerator.autocast()))
     r.trainer = DistSFTTrainer(model=r.model, args=r.args, train_dataset=r.train_ds, eval_dataset=r.eval_ds,
                                processing_class=r.tokenizer, data_collator=collate, ctx=r.ctx, callbacks=callbacks)
     for cb in (PrinterCallback, ProgressCallback):
@@ -314,9 +321,12 @@ def _collator(r: Rank) -> tuple[Any, Any]:
     (the padding carries no loss). Only [B, L] tensors go to the adapter: the examples are kept apart in
     the attention from the gathered position_ids (train.seqpar), not by the collator's mask."""
     from distsft.data.collate import PackedCollator
+    from distsft.train.model import derives_packed_masks
     S = r.batch.sequence_parallel_size
     if S == 1:
-        return PackedCollator(r.tokenizer.pad_token_id, r.attn), lambda batch: batch
+        r.attn = r.model.config._attn_implementation  # what the model got (auto: sdpa, or eager where no sdpa)
+        return PackedCollator(r.tokenizer.pad_token_id, r.attn,
+                              explicit_mask=not derives_packed_masks(r.model)), lambda batch: batch
     from distsft.config.seqpar import padded_length
     from distsft.train.seqpar import strip_for_ulysses
     width = padded_length(r.spec.data.max_length, S)

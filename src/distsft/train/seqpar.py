@@ -42,7 +42,7 @@ import torch
 
 FLASH = ("flash_attention_2", "flash_attention_3")
 # Keys the Ulysses loader adapter cannot shard (not [B, L]) or the wrapper would drop anyway.
-UNSHARDABLE = ("attention_mask", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+UNSHARDABLE = ("attention_mask", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "use_cache")
 
 
 @dataclass(frozen=True)

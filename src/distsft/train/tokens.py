@@ -101,6 +101,9 @@ def missing_tokens_message(spec: Any, tokenizer: Any) -> str | None:
             f"with {KEY}: [{listed}] (new rows, mean-initialised, trained also with LoRA/QLoRA)")
 
 
+VOCAB_MULTIPLE = 64
+
+
 def _weights(module: Any) -> Any:
     return getattr(module, "weight", None)
 
@@ -108,14 +111,18 @@ def _weights(module: Any) -> Any:
 def init_new_rows(model: Any, tokenizer: Any, new_ids: list[int]) -> None:
     """Give the added tokens embedding (and untied output) rows: resize when the ids do not fit, then set
     each new row to the mean of the rows of the other tokens (deterministic, in the span of what the
-    model knows, and with an output logit near the average instead of a random one)."""
+    model knows, and with an output logit near the average instead of a random one). The resize rounds
+    the vocabulary up to a multiple of VOCAB_MULTIPLE: an odd size (32,002) leaves the embedding and
+    head matmuls off the tensor cores' tile sizes; the rows past the tokenizer get the mean too."""
     import torch
     if not new_ids:
         return
     emb = model.get_input_embeddings()
-    if max(new_ids) >= emb.weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    new = torch.tensor(sorted(set(new_ids)))
+    old_rows = emb.weight.shape[0]
+    if max(new_ids) >= old_rows:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False, pad_to_multiple_of=VOCAB_MULTIPLE)
+    rows = model.get_input_embeddings().weight.shape[0]
+    new = torch.tensor(sorted(set(new_ids) | set(range(old_rows, rows))))
     layers = [model.get_input_embeddings()]
     out = model.get_output_embeddings()
     if out is not None and _weights(out) is not None and out.weight is not layers[0].weight:

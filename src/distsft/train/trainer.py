@@ -22,6 +22,7 @@ from distsft.checkpoint.preempt import PreemptionFlag
 from distsft.runtime import dist
 from distsft.data.sampler import GlobalOrder, StepBatchSampler, eval_shards
 from distsft.train.eval_loss import token_loss_sum
+from distsft.train.step_sync import PreemptionAgreement, StepWindow
 from distsft import rundir
 
 
@@ -43,6 +44,8 @@ class RunContext:
     mfu: Any = None  # tokens/s -> model FLOPs utilisation (mfu.meter), on CUDA only
     seqpar: Any = None  # train.seqpar.Layout when distributed.sequence_parallel_size > 1 (Ulysses)
     ring: Any = None  # the same under FSDP2's ring attention: a group's ranks load the same rows
+    window: Any = None  # step_sync.StepWindow: the logging window (made by the trainer when None)
+    compiled: bool = False  # train.torch_compile: the first step's compilation is not throughput
 
 
 def _peak_memory_gb(device: torch.device) -> float:
@@ -62,10 +65,8 @@ class DistSFTTrainer(SFTTrainer):
         super().__init__(*args, **kwargs)
         if ctx.seqpar is not None:
             self.loss_is_scaled_for_ga = True  # seqpar.scaled_group_loss divides by the whole step's tokens
-        # loss sum, loss tokens, real tokens, rows, batch checksum (which samples a step saw)
-        self._window = torch.zeros(5, dtype=torch.float64)
-        self._window_start = time.perf_counter()
-        self._window_step: int | None = None  # set at the first micro-batch: the step we (re)started from
+        if ctx.window is None:
+            ctx.window = StepWindow(self.args.device)
 
     # ------------------------------------------------------------------ data
     def get_train_dataloader(self) -> DataLoader:
@@ -92,66 +93,47 @@ class DistSFTTrainer(SFTTrainer):
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
-        real_tokens = inputs.pop("num_real_tokens", None)
-        checksum = inputs.pop("batch_checksum", 0.0)
+        # The collator's host counts (recipe.build_trainer): read here without touching the device.
+        counts = {k: inputs.pop(k, 0) for k in ("num_real_tokens", "batch_checksum", "num_rows", "num_loss_tokens")}
         if self.ctx.seqpar is not None and model.training:
-            return self._seqpar_loss(model, inputs, num_items_in_batch, real_tokens, checksum)
+            return self._seqpar_loss(model, inputs, num_items_in_batch, counts)
         out = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                    num_items_in_batch=num_items_in_batch)
         if model.training and num_items_in_batch is not None:
-            if self._window_step is None:
-                self._window_start, self._window_step = time.perf_counter(), self.state.global_step
             loss = out[0] if return_outputs else out
-            n_local = int((inputs["labels"][..., 1:] != -100).sum())
             # TRL returns sum(token losses) / global tokens × world; undo the scaling to get this
-            # micro-batch's own sum of token losses.
+            # micro-batch's own sum of token losses -- on the device, read once per logging step.
             scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
-            local_sum = float(loss.detach()) * float(num_items_in_batch) / scale
-            self._window += torch.tensor([local_sum, n_local, float(real_tokens or 0),
-                                          inputs["input_ids"].shape[0], float(checksum)], dtype=torch.float64)
+            self.ctx.window.add(self.state.global_step, loss.detach() * num_items_in_batch / scale,
+                                counts["num_loss_tokens"], counts["num_real_tokens"], counts["num_rows"],
+                                counts["batch_checksum"])
         return out
 
-    def _seqpar_loss(self, model: Any, inputs: dict[str, Any], step_tokens: Any, real_tokens: Any,
-                     checksum: Any) -> Any:
+    def _seqpar_loss(self, model: Any, inputs: dict[str, Any], step_tokens: Any, counts: dict[str, Any]) -> Any:
         """One shard of a group's micro-batch (train.seqpar): the loss is token-weighted over the whole
         global batch; the window counts each shard's tokens on its rank, and the row, its real tokens
         and its checksum once per group (every rank of the group holds the same rows)."""
         from distsft.train.seqpar import train_loss
-        if self._window_step is None:
-            self._window_start, self._window_step = time.perf_counter(), self.state.global_step
         rows = inputs["input_ids"].shape[0]
         loss, local_sum, n_local = train_loss(model, inputs, step_tokens, self.ctx.seqpar)
-        once = 1.0 if self.ctx.seqpar.sp_rank == 0 else 0.0
-        self._window += torch.tensor([local_sum, n_local, once * float(real_tokens or 0), once * rows,
-                                      once * float(checksum)], dtype=torch.float64)
+        once = 1 if self.ctx.seqpar.sp_rank == 0 else 0
+        self.ctx.window.add(self.state.global_step, torch.tensor(local_sum), n_local,
+                            once * int(counts["num_real_tokens"] or 0), once * rows, once * int(counts["batch_checksum"] or 0))
         return loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
-            logs.update(self._reduce_window())
+            # One collective and one read: the window over all ranks, the peak memory and the preemption flag.
+            window, preempt = self.ctx.window.reduce(self.state.global_step, self.ctx.flag.raised,
+                                                     _peak_memory_gb(self.args.device))
+            logs.update(window)
             if self.ctx.mfu is not None and logs.get("tokens_per_second"):
                 logs["mfu"] = self.ctx.mfu(logs["tokens_per_second"])
+            if preempt:
+                stop_for_preemption(self.ctx, self.control)
         # HF counts epochs over the one long "epoch" the step sampler presents; report real epochs.
         self.state.epoch = self.ctx.order.epoch_of(self.state.global_step)
         super().log(logs, start_time)
-
-    def _reduce_window(self) -> dict[str, float]:
-        """Two small collectives per logging step: the global token-weighted loss and throughput
-        figures (sums) and the peak memory (max)."""
-        device = self.args.device
-        sums = dist.all_reduce(self._window.tolist(), "sum", device=device)
-        peak = dist.all_reduce([_peak_memory_gb(device)], "max", device=device)[0]
-        now = time.perf_counter()
-        steps = max(1, self.state.global_step - (self._window_step or 0))
-        elapsed = now - self._window_start
-        self._window.zero_()
-        self._window_start, self._window_step = now, self.state.global_step
-        loss_sum, loss_tokens, real_tokens, rows, checksum = sums
-        return {"loss": loss_sum / loss_tokens if loss_tokens else float("nan"),
-                "tokens": real_tokens / steps, "loss_tokens": loss_tokens / steps,
-                "tokens_per_second": real_tokens / elapsed if elapsed > 0 else 0.0,
-                "samples": rows / steps, "step_time": elapsed / steps, "peak_memory_gb": peak,
-                "batch_checksum": checksum}
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None,
@@ -167,7 +149,8 @@ class DistSFTTrainer(SFTTrainer):
         model = self.model
         was_training = model.training
         model.eval()
-        sums = {label: self._eval_loss_sums(part) for label, part in sets.items()}
+        with self.ctx.window.paused():  # not training time: out of tokens_per_second / step_time / mfu
+            sums = {label: self._eval_loss_sums(part) for label, part in sets.items()}
         metrics = eval_metrics(sums, metric_key_prefix)
         self.log(metrics)  # still in eval mode, so TRL files it as an eval record
         model.train(was_training)
@@ -175,33 +158,33 @@ class DistSFTTrainer(SFTTrainer):
         return metrics
 
     def _eval_loss_sums(self, ds: Any) -> tuple[float, float]:
-        """(sum of token losses, loss tokens) over one eval set, reduced over all ranks."""
+        """(sum of token losses, loss tokens) over one eval set, reduced over all ranks. The forward is
+        training's (eval_loss.token_loss_sum), under the same autocast: fp32 master weights must reach
+        flash-attn in bf16, and the head's output multiplier and soft cap must be training's."""
         e = dist.env()
-        model = self.model
-        total, count = 0.0, 0.0
+        total = torch.zeros((), dtype=torch.float64, device=self.args.device)
+        count = 0.0
         if self.ctx.seqpar is not None:
             from distsft.train.seqpar import eval_batches
-            with torch.no_grad(), self.compute_loss_context_manager():
+            with torch.no_grad(), self.compute_loss_context_manager(), self.accelerator.autocast():
                 for batch, labels in eval_batches(ds, self.data_collator, self.ctx.micro, self.ctx.seqpar):
-                    token_loss, n_tokens = token_loss_sum(model, self._prepare_inputs(batch), labels, shifted=True)
-                    total, count = total + float(token_loss), count + float(n_tokens)
-            return tuple(dist.all_reduce([total, count], "sum", device=self.args.device))
+                    token_loss, n_tokens = token_loss_sum(self.model, self._prepare_inputs(batch), labels, shifted=True)
+                    total, count = total + token_loss.to(torch.float64), count + n_tokens
+            return tuple(dist.all_reduce([float(total), count], "sum", device=self.args.device))
         shards = eval_shards(len(ds), self.ctx.eval_batch, e.world_size, e.rank)
-        with torch.no_grad(), self.compute_loss_context_manager():
+        with torch.no_grad(), self.compute_loss_context_manager(), self.accelerator.autocast():
             for rows in shards:
                 # A rank with no rows left still runs a forward on one row (weight 0), so that ZeRO-3's
-                # collective parameter gathers line up across ranks.
+                # and FSDP2's collective parameter gathers line up across ranks.
                 batch = self.data_collator([ds[i] for i in (rows or [0])])
-                batch.pop("num_real_tokens", None)
-                batch.pop("batch_checksum", None)
+                for key in ("num_real_tokens", "batch_checksum", "num_rows", "num_loss_tokens"):
+                    batch.pop(key, None)
                 labels = batch.pop("labels")
-                batch = self._prepare_inputs(batch)
-                # Never the batch's full fp32 logits: the head runs on labelled positions, in chunks.
-                token_loss, n_tokens = token_loss_sum(model, batch, labels)
+                token_loss, n_tokens = token_loss_sum(self.model, self._prepare_inputs(batch), labels)
                 if rows:
-                    total += float(token_loss)
-                    count += float(n_tokens)
-        total, count = dist.all_reduce([total, count], "sum", device=self.args.device)
+                    total += token_loss.to(torch.float64)
+                    count += n_tokens
+        total, count = dist.all_reduce([float(total), count], "sum", device=self.args.device)
         return total, count
 
     # ------------------------------------------------------------------ checkpoints
@@ -246,6 +229,7 @@ class DistSFTTrainer(SFTTrainer):
 
     def _record_save(self, seconds: float) -> None:
         """save_seconds in metrics.jsonl, and the one-time signal_delay_s warning (saves.SaveClock)."""
+        self.ctx.window.excluded += seconds  # not training time: out of tokens_per_second / step_time / mfu
         if self.ctx.save_clock is not None:
             step_time = next((h["step_time"] for h in reversed(self.ctx.history) if h.get("step_time")), None)
             self.ctx.save_clock.record(seconds, self.state.global_step, step_time, self.ctx.writer, self.args.device)
@@ -263,19 +247,34 @@ def eval_metrics(sums: dict[Any, tuple[float, float]], prefix: str = "eval") -> 
     return out
 
 
+def stop_for_preemption(ctx: RunContext, control: Any) -> None:
+    """Every rank saves at this step boundary and stops (the ranks agreed on the flag)."""
+    ctx.preempted = True
+    control.should_save = True
+    control.should_training_stop = True
+
+
 class PreemptionCallback(TrainerCallback):
-    """Ranks agree on a preemption signal with one tiny all-reduce per optimizer step; then all of them
-    save at the same step boundary and stop."""
+    """Ranks agree on a preemption signal without a blocking collective of their own (step_sync); then all
+    of them save at the same step boundary and stop. It also drops a torch.compile warm-up step from the
+    throughput figures."""
 
     def __init__(self, ctx: RunContext, device: torch.device):
         self.ctx, self.device = ctx, device
+        self.agreement = PreemptionAgreement(ctx.flag)
+        self._first_step = True
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
-        if dist.all_reduce([1.0 if self.ctx.flag.raised else 0.0], "max", device=self.device)[0]:
-            self.ctx.preempted = True
-            control.should_save = True
-            control.should_training_stop = True
+        if self._first_step and self.ctx.compiled and self.ctx.window is not None:
+            self.ctx.window.restart_timing(state.global_step)
+        self._first_step = False
+        # DefaultFlowCallback ran first: should_log says whether the window's reduction follows.
+        if self.agreement.step_end(logging_now=bool(control.should_log)):
+            stop_for_preemption(self.ctx, control)
         return control
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.agreement.finish()
 
 
 DROPPED_KEYS = {"total_flos", "num_tokens"}
