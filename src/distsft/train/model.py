@@ -126,9 +126,12 @@ def _new_token_rows(spec: RunSpec, model: Any, tokenizer: Any) -> list[int]:
     """`model.add_special_tokens`: their ids, with embedding rows made for them (tokens.init_new_rows)."""
     if not spec.model.add_special_tokens:
         return []
-    from distsft.train.tokens import init_new_rows, new_token_ids
+    from distsft.train.tokens import VOCAB_MULTIPLE, init_new_rows, new_token_ids
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec)
-    init_new_rows(model, tokenizer, new_token_ids(tokenizer))  # rows of tokens already known stay
+    # Full fine-tuning saves the padded vocabulary with the model; an adapter is reloaded onto a base that
+    # PEFT resizes to the tokenizer's length, so LoRA/QLoRA keep exactly that size.
+    multiple = VOCAB_MULTIPLE if spec.peft.method == "none" else None
+    init_new_rows(model, tokenizer, new_token_ids(tokenizer), multiple)  # rows of tokens already known stay
     return [tokenizer.convert_tokens_to_ids(t) for t in spec.model.add_special_tokens]
 
 

@@ -108,19 +108,19 @@ def _weights(module: Any) -> Any:
     return getattr(module, "weight", None)
 
 
-def init_new_rows(model: Any, tokenizer: Any, new_ids: list[int]) -> None:
+def init_new_rows(model: Any, tokenizer: Any, new_ids: list[int], pad_to_multiple_of: int | None = None) -> None:
     """Give the added tokens embedding (and untied output) rows: resize when the ids do not fit, then set
     each new row to the mean of the rows of the other tokens (deterministic, in the span of what the
-    model knows, and with an output logit near the average instead of a random one). The resize rounds
-    the vocabulary up to a multiple of VOCAB_MULTIPLE: an odd size (32,002) leaves the embedding and
-    head matmuls off the tensor cores' tile sizes; the rows past the tokenizer get the mean too."""
+    model knows, and with an output logit near the average instead of a random one). `pad_to_multiple_of`
+    (VOCAB_MULTIPLE for full fine-tuning) rounds the resized vocabulary up: an odd size (32,002) leaves
+    the head's matmuls off the tensor cores' tile sizes; the rows past the tokenizer get the mean too."""
     import torch
     if not new_ids:
         return
     emb = model.get_input_embeddings()
     old_rows = emb.weight.shape[0]
     if max(new_ids) >= old_rows:
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False, pad_to_multiple_of=VOCAB_MULTIPLE)
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False, pad_to_multiple_of=pad_to_multiple_of)
     rows = model.get_input_embeddings().weight.shape[0]
     new = torch.tensor(sorted(set(new_ids) | set(range(old_rows, rows))))
     layers = [model.get_input_embeddings()]
