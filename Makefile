@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # The versions the suite passes with (torch aside: its build depends on the machine, below).
 CONSTRAINTS := -c constraints.txt
 
-.PHONY: demo test setup setup-dev test-assets plan clean
+.PHONY: demo test setup setup-dev test-assets plan clean gpu-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,10 @@ test-assets:
 
 test: setup-dev test-assets
 	DISTSFT_REQUIRE_TEST_ASSETS=1 PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest $(PYTEST_ARGS)
+
+# One GPU, under 10 minutes: the CUDA paths CI runs only through stand-ins (README, "the GPU check").
+gpu-check: setup
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) runs outputs
