@@ -1,8 +1,9 @@
 """Benchmark instrument (host_syncs.py), active only in rank processes with DISTSFT_SYNC_PROBE=DIR set:
 counts every point where the host waits, per optimizer step, by who asked for it.
 
-  read        a tensor's value read on the host: .item(), .tolist(), .numpy(), bool(t), int(t), float(t)
-              (on a GPU each one waits for the device; on this CPU machine the same calls are counted)
+  read        a tensor's value read on the host: .item(), .tolist(), bool(t), int(t), float(t) (on a GPU
+              each one waits for the device; on this CPU machine the same calls are counted). Not
+              .numpy(): it refuses a CUDA tensor, so it never waits for a device
   collective  a blocking torch.distributed collective (async_op=True ones are counted apart, as "async");
               reading the result of the collective just made on that tensor is the same wait, not a second
   owner       the innermost caller outside torch: "distsft" (src/distsft) or the library's package name
@@ -59,7 +60,7 @@ if os.environ.get("DISTSFT_SYNC_PROBE") and os.environ.get("RANK") is not None:
             return original(self, *a, **k)
         setattr(torch.Tensor, name, wrapper)
 
-    for _name in ("item", "tolist", "numpy", "__bool__", "__int__", "__float__"):
+    for _name in ("item", "tolist", "__bool__", "__int__", "__float__"):
         _read(_name)
 
     def _collective(name):

@@ -248,6 +248,7 @@ def build_trainer(r: Rank) -> None:
     from distsft.train.finish import plan_plots, record_start
     from distsft.train.generation import SampleGenerations
     from distsft.train.step_sync import StepWindow
+    import numpy as np
     from distsft.train.trainer import DistSFTTrainer, PreemptionCallback, RunContext, SinkCallback
     spec, t, b, e, stats = r.spec, r.spec.train, r.batch, dist.env(), r.stats
     resume_step = r.marker.step if r.marker else 0
@@ -282,7 +283,7 @@ def build_trainer(r: Rank) -> None:
         batch["num_real_tokens"] = sum(int(sum(row["seq_lengths"])) for row in rows)
         batch["batch_checksum"] = sum(row_checksum(row["input_ids"]) for row in rows)
         batch["num_rows"] = len(rows)  # rows, not micro-batches: flash attention concatenates them into one
-        batch["num_loss_tokens"] = int((batch["labels"][..., 1:] != -100).sum())
+        batch["num_loss_tokens"] = int(np.count_nonzero(batch["labels"].numpy()[..., 1:] != -100))
         return batch
 
     r.diagnostics = Diagnostics(spec, r.total_steps, r.args.warmup_steps, steps_per_epoch=r.steps_per_epoch,
