@@ -212,7 +212,7 @@ def test_sample_generations_renders_training_format_and_syncs_under_zero3(args, 
         seen.update(synced=synced_gpus, training=model.training, greedy=not generation_config.do_sample,
                     left_padded=bool(attention_mask[:, -1].all()))
         return input_ids
-    monkeypatch.setattr(generation, "_zero3", lambda: True)
+    monkeypatch.setattr(generation, "synced_gpus", lambda model: True)  # ZeRO-3 or FSDP2 with several ranks
     monkeypatch.setattr(model, "generate", fake_generate)
     cb.on_step_end(args, TrainerState(global_step=8), TrainerControl(), model=model)
     assert seen == {"synced": True, "training": False, "greedy": True, "left_padded": True}
