@@ -28,7 +28,6 @@ def check(spec: Any) -> str:
     check_available(spec.train.optim)  # an optimizer whose package is missing
     from distsft.config.seqpar import machine_errors
     from distsft.errors import SpecError
-    from distsft.runtime.hardware import cuda_info
-    for error in machine_errors(spec, cuda_info()[0]):  # ring attention / activation offloading on CPU
+    for error in machine_errors(spec, cuda):  # ring attention / activation offloading on CPU
         raise SpecError(error)
     return attn
