@@ -113,6 +113,8 @@ def choose_attn(requested: str, half: bool = True, warn: Callable[[str], None] |
                             "takes nothing else) and this run computes in fp32 (train.bf16: false); set "
                             "train.bf16: true, or use sdpa")
         why = flash_attn_problem()
+        if why and major == 0:  # say both: installing flash-attn alone would not make it run here
+            why = f"no CUDA device, and {why}"
         if why is None and 0 < major < 8:
             why = f"flash-attn needs an Ampere or newer GPU (compute capability 8.0+); this one is {major}.x"
         if why:
