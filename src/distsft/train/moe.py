@@ -179,3 +179,21 @@ def moe_or_error(model: Any, key: str) -> MoE:
         raise SpecError(f"{key}: {type(model).__name__} is not a mixture-of-experts model (no experts and "
                         "router found); remove the option")
     return moe
+
+
+def load_attention(load: Any, attn: str, requested: str) -> Any:
+    """Load with `attn`; when `auto` chose sdpa for a model without an sdpa path (gpt-oss: its attention
+    sinks are a softmax term sdpa has no input for), load with eager instead. `load(attn)` loads.
+    The collator must then build the eager (additive float) mask: read the model's choice back with
+    `attention_of(model)`."""
+    try:
+        return load(attn)
+    except ValueError as exc:
+        if requested != "auto" or attn != "sdpa" or "does not support an attention implementation" not in str(exc):
+            raise
+    return load("eager")
+
+
+def attention_of(model: Any, default: str) -> str:
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    return impl if isinstance(impl, str) and impl else default

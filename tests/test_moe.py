@@ -1,0 +1,200 @@
+"""Mixture-of-experts units on tiny random Qwen3-MoE, Mixtral and gpt-oss models (built from configs,
+examples/make_tiny_moe.py): layout detection, routers left out of `all-linear`, expert adapters on
+request, the router loss reaching the gradients, DFT, per-source sums, expert quantization under
+QLoRA and packed-example isolation (gpt-oss's sliding layers and sinks included)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+import make_tiny_moe  # noqa: E402
+
+from distsft.config.moe import active_parameters, is_expert_parameter, moe_of  # noqa: E402
+from distsft.errors import SpecError  # noqa: E402
+from distsft.train import losses, moe  # noqa: E402
+
+FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss")
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny-moe")
+    return {f: make_tiny_moe.build(root / f, f) for f in (*FAMILIES, "dense")}
+
+
+def _load(path: Path, **kw):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw)
+
+
+def _batch(seed: int = 0, B: int = 2, L: int = 24):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 500, (B, L), generator=g)
+    labels = ids.clone()
+    labels[:, :4] = -100
+    return ids, labels
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_layout_routers_and_active_parameters(tiny_moe_dirs, family):
+    model = _load(tiny_moe_dirs[family])
+    layout = moe_of(model.config)
+    assert layout is not None and layout.num_experts == 8 and layout.top_k == 2 and layout.returns_router_logits
+    assert len(moe.routers(model)) == model.config.num_hidden_layers
+    assert moe.fused_expert_parameter_names(model) == ["gate_up_proj", "down_proj"]
+    total = sum(p.numel() for p in model.parameters())
+    experts = sum(p.numel() for n, p in moe.expert_parameters(model))
+    assert 0 < experts < total
+    active = active_parameters(total, experts, layout)
+    assert active == total - experts + experts * 2 // 8
+    assert not any(is_expert_parameter(n) for n, _ in moe.routers(model))
+
+
+def test_dense_model_is_not_moe(tiny_moe_dirs):
+    model = _load(tiny_moe_dirs["dense"])
+    assert moe_of(model.config) is None and moe.routers(model) == []
+    total = sum(p.numel() for p in model.parameters())
+    assert active_parameters(total, 0, None) == total
+    with pytest.raises(SpecError, match=r"train\.router_aux_loss_coef"):
+        moe.moe_or_error(model, "train.router_aux_loss_coef")
+    assert moe.lora_targets(model, "all-linear") == "all-linear"  # dense models: PEFT's own rule
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_all_linear_leaves_routers_alone_and_experts_on_request(tiny_moe_dirs, family):
+    from peft import LoraConfig, get_peft_model
+    for target_parameters in ([], ["experts.gate_up_proj", "experts.down_proj"]):
+        model = _load(tiny_moe_dirs[family])
+        router_names = [n for n, _ in moe.routers(model)]
+        moe.check_target_parameters(model, target_parameters)
+        pm = get_peft_model(model, LoraConfig(r=4, target_modules=moe.lora_targets(model, "all-linear"),
+                                              target_parameters=target_parameters, task_type="CAUSAL_LM"))
+        adapted = {n.split(".lora_")[0] for n, p in pm.named_parameters() if p.requires_grad}
+        assert not any(r in a for a in adapted for r in router_names), adapted
+        assert any("self_attn.q_proj" in a for a in adapted)
+        assert any(".experts" in a for a in adapted) == bool(target_parameters)
+
+
+def test_target_parameters_matching_nothing_is_a_spec_error(tiny_moe_dirs):
+    model = _load(tiny_moe_dirs["qwen3_moe"])
+    with pytest.raises(SpecError, match=r"peft\.target_parameters.*experts\.w1.*experts\.gate_up_proj"):
+        moe.check_target_parameters(model, ["experts.w1"])
+
+
+def _router_grads(model, ids, labels, coef: float, loss_type: str = "nll"):
+    from trl.trainer.utils import add_fused_lm_head
+    add_fused_lm_head(model, outputs=("log_probs",))
+    layout = moe_of(model.config)
+    model.zero_grad()
+    with moe.router_logits(model) as found:
+        out = model(input_ids=ids, labels=labels, fused_lm_head=True, use_cache=False)
+    aux = moe.load_balancing_loss(found, layout, torch.ones_like(ids, dtype=torch.bool))
+    ml = losses.micro_loss(out, loss_type, None, 1.0, aux=aux, aux_coef=coef)
+    ml.loss.backward()
+    grads = torch.cat([m.weight.grad.flatten() for _, m in moe.routers(model)])
+    return ml, grads
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_router_loss_reaches_the_router_and_not_the_logged_loss(tiny_moe_dirs, family):
+    ids, labels = _batch()
+    model = _load(tiny_moe_dirs[family])
+    m0, g0 = _router_grads(model, ids, labels, 0.0)
+    m1, g1 = _router_grads(model, ids, labels, 0.5)
+    assert m0.aux_loss is not None and m0.aux_loss > 0 and m0.aux_loss == pytest.approx(m1.aux_loss)
+    assert m0.nll_sum == pytest.approx(m1.nll_sum, rel=1e-6)  # the logged LM loss ignores the coefficient
+    assert not torch.allclose(g0, g1)  # ...while the router's gradient does not
+    # coefficient 0: the router's gradient is the LM loss's alone
+    model.zero_grad()
+    out = model(input_ids=ids, labels=labels, fused_lm_head=True, use_cache=False)
+    (-out.log_probs.sum() / out.label_mask.sum()).backward()
+    lm_only = torch.cat([m.weight.grad.flatten() for _, m in moe.routers(model)])
+    torch.testing.assert_close(g0, lm_only)
+
+
+def test_dft_weights_tokens_by_probability_with_the_same_normalisation():
+    log_probs = torch.tensor([[-0.1, -2.0, 0.0, -0.7]], requires_grad=True)
+    mask = torch.tensor([[True, True, False, True]])
+
+    class Out:
+        pass
+    out = Out()
+    out.log_probs, out.label_mask = log_probs, mask
+    nll = losses.micro_loss(out, "nll", 6, 2.0)
+    dft = losses.micro_loss(out, "dft", 6, 2.0)
+    assert nll.nll_sum == dft.nll_sum == pytest.approx(2.8)  # logged loss: NLL under both
+    assert float(nll.loss.detach()) == pytest.approx(2.8 / 6 * 2.0)
+    expected = sum(-lp * torch.tensor(lp).exp().item() for lp in (-0.1, -2.0, -0.7)) / 6 * 2.0
+    assert float(dft.loss.detach()) == pytest.approx(expected)
+    dft.loss.backward()
+    # d/dlp of -lp·sg(e^lp) = -e^lp: DFT's gradient is the NLL's (-1) scaled by each token's probability
+    # (an unlabelled position's log-prob is a constant 0 from the fused head, so nothing flows back there)
+    torch.testing.assert_close(log_probs.grad, -log_probs.detach().exp() * 2.0 / 6)
+    with pytest.raises(ValueError, match="loss_type"):
+        losses.token_objective(log_probs, "mse")
+
+
+def test_per_source_sums_follow_the_label_token():
+    # two rows, positions 0..4; source ids per input position (-1: padding)
+    src = torch.tensor([[0, 0, 1, 1, 1], [2, 2, 2, -1, -1]])
+    log_probs = -torch.arange(1, 9, dtype=torch.float32).reshape(2, 4)
+    mask = torch.tensor([[True, False, True, True], [True, True, False, False]])
+    sums = losses.per_source_sums(log_probs, mask, src, 3)
+    # row 0: predicted positions 1..4 belong to sources 0,1,1,1 -> source 0: 1.0; source 1: 3+4
+    # row 1: positions 1,2 -> source 2: 5+6
+    assert sums.tolist() == [[1.0, 1.0], [7.0, 2.0], [11.0, 2.0]]
+
+
+def test_qlora_quantizes_the_experts(tiny_moe_dirs):
+    pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.bfloat16)
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_moe_dirs["qwen3_moe"], quantization_config=q,
+                                                 dtype=torch.bfloat16, device_map={"": "cpu"})
+    before = moe.loaded_bytes(model)
+    # bitsandbytes quantizes nn.Linear only: the 3-D experts are still bf16 (2 bytes per weight)
+    n_expert = sum(p.numel() for _, p in moe.expert_parameters(model))
+    assert before["experts"] == 2 * n_expert
+    ids, _ = _batch(L=16)
+    with torch.no_grad():
+        ref = model(ids).logits.float()
+    saved = moe.quantize_experts(model)
+    after = moe.loaded_bytes(model)
+    assert saved == before["experts"] - after["experts"]
+    assert after["experts"] < 0.3 * before["experts"]  # NF4: ~0.5 byte per weight + block constants
+    with torch.no_grad():
+        got = model(ids).logits.float()
+    assert (got - ref).abs().max() < 0.1 * ref.abs().max()  # the same model, at 4-bit precision
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_examples_stay_isolated(tiny_moe_dirs, family, attn):
+    """A packed example's logits equal its logits alone: routing is per token, and gpt-oss's sliding
+    window (8 tokens here, shorter than the examples) and sinks respect the packed mask."""
+    from distsft.data.collate import PackedCollator
+    from distsft.data.layer_masks import sliding_window_of, with_layer_masks
+    model = _load(tiny_moe_dirs[family], attn_implementation=attn).eval()
+    g = torch.Generator().manual_seed(1)
+    lens = [11, 17, 6]
+    exs = [torch.randint(5, 500, (n,), generator=g) for n in lens]
+    row = {"input_ids": torch.cat(exs).tolist(), "labels": torch.cat(exs).tolist(), "seq_lengths": lens}
+    batch = PackedCollator(0, attn)([row])
+    batch.pop("labels")
+    batch = with_layer_masks(batch, sliding_window_of(model.config))
+    assert isinstance(batch["attention_mask"], dict) == (family == "gpt_oss")
+    with torch.no_grad():
+        packed = model(**batch).logits[0]
+        start = 0
+        for ex in exs:
+            alone = model(input_ids=ex[None]).logits[0]
+            torch.testing.assert_close(packed[start:start + len(ex)], alone, atol=1e-5, rtol=1e-5)
+            start += len(ex)
