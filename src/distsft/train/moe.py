@@ -75,11 +75,31 @@ def fused_expert_parameter_names(model: Any) -> list[str]:
 
 
 def loaded_bytes(model: Any) -> dict[str, int]:
-    """Bytes the loaded weights occupy: experts and the rest (quantized weights at their packed size)."""
+    """Bytes the loaded weights occupy, experts and the rest: quantized weights at their packed size plus
+    their quantization constants (bitsandbytes keeps those in a QuantState beside the parameter)."""
     out = {"experts": 0, "other": 0}
+    seen: set[int] = set()
     for n, p in model.named_parameters():
         out["experts" if is_expert_parameter(n) else "other"] += p.numel() * p.element_size()
+        out["experts" if is_expert_parameter(n) else "other"] += _quant_state_bytes(getattr(p, "quant_state", None), seen)
+    for name, m in model.named_modules():
+        for pname, plist in (getattr(m, "parametrizations", None) or {}).items():
+            key = "experts" if is_expert_parameter(f"{name}.{pname}") else "other"
+            for f in plist:
+                out[key] += _quant_state_bytes(getattr(f, "quant_state", None), seen)
     return out
+
+
+def _quant_state_bytes(qs: Any, seen: set[int]) -> int:
+    if qs is None:
+        return 0
+    n = 0
+    for attr in ("absmax", "code", "offset"):
+        t = getattr(qs, attr, None)
+        if isinstance(t, torch.Tensor) and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            n += t.numel() * t.element_size()
+    return n + _quant_state_bytes(getattr(qs, "state2", None), seen)
 
 
 # --------------------------------------------------------------------------- backends
