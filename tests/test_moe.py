@@ -182,7 +182,10 @@ def test_packed_examples_stay_isolated(tiny_moe_dirs, family, attn):
     window (8 tokens here, shorter than the examples) and sinks respect the packed mask."""
     from distsft.data.collate import PackedCollator
     from distsft.data.layer_masks import sliding_window_of, with_layer_masks
-    model = _load(tiny_moe_dirs[family], attn_implementation=attn).eval()
+    # as the ranks load it: `auto` picks sdpa on CPU, and gpt-oss (no sdpa path: attention sinks) falls back
+    model = moe.load_attention(lambda a: _load(tiny_moe_dirs[family], attn_implementation=a), attn, "auto").eval()
+    attn = moe.attention_of(model, attn)
+    assert attn == ("eager" if family == "gpt_oss" else attn)
     g = torch.Generator().manual_seed(1)
     lens = [11, 17, 6]
     exs = [torch.randint(5, 500, (n,), generator=g) for n in lens]
