@@ -71,6 +71,31 @@ def build(out: Path | str, family: str = "qwen3_moe", seed: int = 0, **overrides
     return out
 
 
+def build_mxfp4(out: Path | str, seed: int = 0) -> Path:
+    """A tiny gpt-oss checkpoint stored as the released gpt-oss models are: routed experts in MXFP4
+    (`*_blocks`: two FP4 E2M1 values a byte, 32 per block; `*_scales`: one E8M0 exponent per block,
+    biased by 127), `quantization_config: {quant_method: mxfp4}` in config.json. Random codes, small
+    scales (2^-5) so the dequantized weights are of the usual magnitude."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+    out = build(out, "gpt_oss", seed)
+    weights = load_file(out / "model.safetensors")
+    g = torch.Generator().manual_seed(seed)
+    for key in [k for k in weights if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        w = weights.pop(key)  # [E, in, out]: stored transposed, 32 inputs a block
+        E, n_in, n_out = w.shape
+        weights[key + "_blocks"] = torch.randint(0, 256, (E, n_out, n_in // 32, 16), dtype=torch.uint8, generator=g)
+        weights[key + "_scales"] = torch.full((E, n_out, n_in // 32), 127 - 5, dtype=torch.uint8)
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out")

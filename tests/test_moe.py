@@ -201,3 +201,29 @@ def test_packed_examples_stay_isolated(tiny_moe_dirs, family, attn):
             alone = model(input_ids=ex[None]).logits[0]
             torch.testing.assert_close(packed[start:start + len(ex)], alone, atol=1e-5, rtol=1e-5)
             start += len(ex)
+
+
+def test_mxfp4_checkpoint_is_dequantized_and_trains(tmp_path):
+    """A gpt-oss checkpoint stored as released (experts in MXFP4): loaded dequantized, said so, and the
+    experts get gradients; QLoRA on it is refused naming the key."""
+    from transformers import AutoConfig
+    path = make_tiny_moe.build_mxfp4(tmp_path / "gpt_oss_mxfp4")
+    config = AutoConfig.from_pretrained(path)
+    kwargs, note = moe.checkpoint_quantization(config, "lora")
+    assert "dequantized" in note and kwargs["quantization_config"].dequantize
+    model = _load(path, **kwargs)
+    experts = model.model.layers[0].mlp.experts
+    assert experts.gate_up_proj.dtype == torch.float32 and experts.gate_up_proj.shape == (8, 64, 64)
+    # the first expert's first output column from the checkpoint's own codes: FP4 E2M1 value × 2^-5
+    from safetensors.torch import load_file
+    raw = load_file(path / "model.safetensors")
+    blocks = raw["model.layers.0.mlp.experts.gate_up_proj_blocks"][0, 0].reshape(-1)  # 64 inputs, 2 a byte
+    fp4 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+    codes = torch.stack([blocks & 0x0F, blocks >> 4], dim=1).reshape(-1).long()
+    torch.testing.assert_close(experts.gate_up_proj[0, :, 0], fp4[codes] * 2.0**-5)
+    ids, labels = _batch(L=12)
+    model(input_ids=ids, labels=labels).loss.backward()
+    assert experts.gate_up_proj.grad is not None and experts.gate_up_proj.grad.abs().sum() > 0
+    with pytest.raises(SpecError, match=r"peft\.method=qlora.*MXFP4"):
+        moe.checkpoint_quantization(config, "qlora")
+    assert moe.checkpoint_quantization(object(), "qlora") == ({}, None)  # not stored quantized: nothing to do

@@ -217,3 +217,23 @@ def load_attention(load: Any, attn: str, requested: str) -> Any:
 def attention_of(model: Any, default: str) -> str:
     impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
     return impl if isinstance(impl, str) and impl else default
+
+
+def checkpoint_quantization(config: Any, method: str) -> tuple[dict[str, Any], str | None]:
+    """from_pretrained kwargs for a checkpoint stored quantized, and the note to print. gpt-oss ships its
+    experts in MXFP4, which no kernel distsft uses can train (transformers marks the MXFP4 quantizer
+    not trainable): the experts are dequantized while loading -- on a GPU with triton and `kernels`
+    transformers would otherwise keep them packed. QLoRA cannot start from it: transformers refuses a
+    BitsAndBytesConfig for a checkpoint quantized another way."""
+    qc = getattr(config, "quantization_config", None)
+    method_name = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    if str(method_name).lower().removeprefix("quantizationmethod.") != "mxfp4":
+        return {}, None
+    if method == "qlora":
+        raise SpecError("peft.method=qlora: the checkpoint's experts are stored in MXFP4 (gpt-oss), which "
+                        "transformers cannot re-quantize with bitsandbytes; use peft.method: lora (the experts "
+                        "are dequantized to 16 bits) or a 16-bit copy of the weights")
+    from transformers import Mxfp4Config
+    return ({"quantization_config": Mxfp4Config(dequantize=True)},
+            "MXFP4 experts dequantized while loading (MXFP4 weights cannot be trained): they take 4x their "
+            "checkpoint bytes in 16 bits (8x in fp32)")
