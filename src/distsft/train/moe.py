@@ -170,12 +170,13 @@ def check_target_parameters(model: Any, targets: list[str]) -> None:
 # --------------------------------------------------------------------------- the router loss
 
 @contextlib.contextmanager
-def router_logits(model: Any) -> Iterator[list[torch.Tensor]]:
+def router_logits(model_or_routers: Any) -> Iterator[list[torch.Tensor]]:
     """Collect every router's logits (its output [0], as transformers' OutputRecorder does) during
-    forwards inside the block, in call order."""
+    forwards inside the block, in call order. Takes the model or its router modules."""
     found: list[torch.Tensor] = []
+    mods = model_or_routers if isinstance(model_or_routers, list) else [m for _, m in routers(model_or_routers)]
     hooks = [m.register_forward_hook(lambda _m, _i, out: found.append(out[0] if isinstance(out, tuple) else out))
-             for _, m in routers(model)]
+             for m in mods]
     try:
         yield found
     finally:
