@@ -227,3 +227,50 @@ def test_mxfp4_checkpoint_is_dequantized_and_trains(tmp_path):
     with pytest.raises(SpecError, match=r"peft\.method=qlora.*MXFP4"):
         moe.checkpoint_quantization(config, "qlora")
     assert moe.checkpoint_quantization(object(), "qlora") == ({}, None)  # not stored quantized: nothing to do
+
+
+def test_token_sources_follow_packing_and_flash_concatenation():
+    from distsft.data.source_ids import token_sources
+    rows = [{"seq_lengths": [2, 3], "source_ids": [1, 0]}, {"seq_lengths": [2], "source_ids": [2]}]
+    ids, mask = token_sources(rows, (2, 5))
+    assert ids.tolist() == [[1, 1, 0, 0, 0], [2, 2, -1, -1, -1]]
+    assert mask.tolist() == [[True] * 5, [True, True, False, False, False]]
+    ids, _ = token_sources(rows, (1, 8))  # flash attention: one concatenated row, padded
+    assert ids.tolist() == [[1, 1, 0, 0, 0, 2, 2, -1]]
+
+
+def test_loss_computer_logs_the_lm_loss_per_label_and_the_router_loss(tiny_moe_dirs):
+    """The trainer's loss on a real model: the optimized loss is NLL + coef × aux; per-label sums are
+    the NLL split by source label (two sources share the label `a`); reduce() gives token-weighted parts
+    of the whole and aux_loss."""
+    from types import SimpleNamespace
+
+    from trl.trainer.utils import add_fused_lm_head
+
+    from distsft.data.collate import PackedCollator
+    from distsft.data.source_ids import token_sources
+    model = _load(tiny_moe_dirs["qwen3_moe"])
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+    g = torch.Generator().manual_seed(3)
+    rows = []
+    for lens, srcs in (([7, 9], [0, 2]), ([12], [1])):
+        ids = torch.randint(5, 500, (sum(lens),), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": ids, "seq_lengths": lens, "source_ids": srcs})
+    batch = PackedCollator(0, "sdpa")(rows)
+    batch["source_ids"], batch["token_mask"] = token_sources(rows, tuple(batch["input_ids"].shape))
+    trainer = SimpleNamespace(accelerator=SimpleNamespace(num_processes=1, unwrap_model=lambda m: m),
+                              args=SimpleNamespace(average_tokens_across_devices=True),
+                              current_gradient_accumulation_steps=1)
+    n_items = int((batch["labels"][:, 1:] != -100).sum())
+    computer = losses.LossComputer(model, "nll", aux_coef=0.5, source_labels=["a", "b", "a"])
+    ml = computer(trainer, model, dict(batch), n_items)
+    assert ml.aux_loss > 0
+    assert float(ml.loss.detach()) == pytest.approx(ml.nll_sum / n_items + 0.5 * ml.aux_loss, rel=1e-5)
+    got = computer.reduce(lambda xs, op, device=None: xs, "cpu", float(ml.tokens), 1)
+    assert got["aux_loss"] == pytest.approx(ml.aux_loss)
+    assert got["loss_tokens_a"] + got["loss_tokens_b"] == ml.tokens
+    assert got["loss_tokens_b"] == 11  # the 12-token example of source 1: 11 predicted tokens
+    whole = (got["loss_a"] * got["loss_tokens_a"] + got["loss_b"] * got["loss_tokens_b"]) / ml.tokens
+    assert whole == pytest.approx(ml.nll_sum / ml.tokens, rel=1e-6)
+    assert 0 <= got["mean_token_accuracy"] <= 1 and got["entropy"] > 0
+    assert computer.reduce(lambda xs, op, device=None: xs, "cpu", 0.0, 1) == {}  # the window was reset
