@@ -274,3 +274,26 @@ def test_loss_computer_logs_the_lm_loss_per_label_and_the_router_loss(tiny_moe_d
     assert whole == pytest.approx(ml.nll_sum / ml.tokens, rel=1e-6)
     assert 0 <= got["mean_token_accuracy"] <= 1 and got["entropy"] > 0
     assert computer.reduce(lambda xs, op, device=None: xs, "cpu", 0.0, 1) == {}  # the window was reset
+
+
+def test_all_sliding_models_get_one_windowed_mask(tmp_path):
+    """Mistral slides in every layer and takes one mask: packed isolation with a window shorter than
+    the examples."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from distsft.data.collate import PackedCollator
+    from distsft.data.layer_masks import sliding_window_of, with_layer_masks
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, sliding_window=5)
+    model = MistralForCausalLM(cfg).eval()
+    assert sliding_window_of(cfg) == (5, False)
+    g = torch.Generator().manual_seed(2)
+    exs = [torch.randint(5, 500, (n,), generator=g) for n in (9, 13)]
+    row = {"input_ids": torch.cat(exs).tolist(), "labels": torch.cat(exs).tolist(), "seq_lengths": [9, 13]}
+    batch = with_layer_masks(PackedCollator(0, "sdpa")([row]), sliding_window_of(cfg))
+    batch.pop("labels")
+    assert isinstance(batch["attention_mask"], torch.Tensor)
+    with torch.no_grad():
+        packed = model(**batch).logits[0]
+        torch.testing.assert_close(packed[9:], model(input_ids=exs[1][None]).logits[0], atol=1e-5, rtol=1e-5)

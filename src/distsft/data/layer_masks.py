@@ -18,23 +18,27 @@ from typing import Any
 import torch
 
 
-def sliding_window_of(config: Any) -> int | None:
-    """The window when some layer of the model slides (and others may not), else None."""
+def sliding_window_of(config: Any) -> tuple[int, bool] | None:
+    """(window, mixed) when some layer of the model slides -- mixed: other layers attend in full, and
+    the model takes a mask per layer type -- else None."""
     cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     window = getattr(cfg, "sliding_window", None)
-    types = getattr(cfg, "layer_types", None) or []
+    types = list(getattr(cfg, "layer_types", None) or [])
     if not window or (types and "sliding_attention" not in types):
         return None
     if getattr(cfg, "use_sliding_window", True) is False:  # Qwen2/3 declare a window they do not use
         return None
-    return int(window)
+    return int(window), any(t != "sliding_attention" for t in types)
 
 
-def with_layer_masks(batch: dict[str, Any], window: int | None) -> dict[str, Any]:
-    """Replace a packed 4-D mask by {"full_attention": mask, "sliding_attention": windowed mask}."""
+def with_layer_masks(batch: dict[str, Any], sliding: tuple[int, bool] | None) -> dict[str, Any]:
+    """Limit a packed 4-D mask to the sliding window: a mapping {"full_attention": mask,
+    "sliding_attention": windowed} for models mixing both, the windowed mask alone when every layer
+    slides (Mistral: its forward takes one mask)."""
     mask = batch.get("attention_mask")
-    if window is None or not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+    if sliding is None or not isinstance(mask, torch.Tensor) or mask.dim() != 4:
         return batch
+    window, mixed = sliding
     pos = batch["position_ids"]  # restarts at 0 in every packed example (and on padding)
     L = pos.shape[-1]
     q = torch.arange(L)[:, None]
@@ -43,7 +47,7 @@ def with_layer_masks(batch: dict[str, Any], window: int | None) -> dict[str, Any
     # distance inside the example; the packed mask already blocks other examples.
     near = (q - k < window)[None, None]
     if mask.dtype == torch.bool:
-        sliding = mask & near
+        windowed = mask & near
     else:  # eager: additive float mask, 0 = attend
-        sliding = mask.masked_fill(~near, torch.finfo(mask.dtype).min)
-    return {**batch, "attention_mask": {"full_attention": mask, "sliding_attention": sliding}}
+        windowed = mask.masked_fill(~near, torch.finfo(mask.dtype).min)
+    return {**batch, "attention_mask": {"full_attention": mask, "sliding_attention": windowed} if mixed else windowed}
