@@ -80,7 +80,8 @@ def loaded_bytes(model: Any) -> dict[str, int]:
     out = {"experts": 0, "other": 0}
     seen: set[int] = set()
     for n, p in model.named_parameters():
-        out["experts" if is_expert_parameter(n) else "other"] += p.numel() * p.element_size()
+        # ZeRO-3 partitions while loading: ds_numel is the whole stack
+        out["experts" if is_expert_parameter(n) else "other"] += int(getattr(p, "ds_numel", p.numel())) * p.element_size()
         out["experts" if is_expert_parameter(n) else "other"] += _quant_state_bytes(getattr(p, "quant_state", None), seen)
     for name, m in model.named_modules():
         for pname, plist in (getattr(m, "parametrizations", None) or {}).items():
@@ -238,3 +239,30 @@ def checkpoint_quantization(config: Any, method: str) -> tuple[dict[str, Any], s
     return ({"quantization_config": Mxfp4Config(dequantize=True)},
             "MXFP4 experts dequantized while loading (MXFP4 weights cannot be trained): they take 4x their "
             "checkpoint bytes in 16 bits (8x in fp32)")
+
+
+def prepare(spec: Any, model: Any, sharded: bool, say: Any) -> None:
+    """After from_pretrained, before PEFT: refuse MoE options on a dense model and target_parameters
+    that match nothing (exit 2, naming the key), quantize the experts under QLoRA (or say loudly what
+    16-bit experts cost), and make the MoE blocks ZeRO-3 leaves."""
+    if spec.train.router_aux_loss_coef is not None:
+        moe_or_error(model, "train.router_aux_loss_coef")
+    targets = list(spec.peft.target_parameters)
+    if targets:
+        check_target_parameters(model, targets)
+    layout = moe_of(model.config)
+    if layout is None or not moe_blocks(model):
+        return
+    if spec.peft.method == "qlora":
+        adapted = [t.rsplit(".", 1)[-1] for t in targets]
+        if sharded:
+            say(expert_cost_note(model, "sharded QLoRA: FSDP2 / ZeRO-3 shard the weights as loaded, and "
+                                        "bitsandbytes cannot quantize a sharded stack"))
+        else:
+            saved = quantize_experts(model, skip=adapted)
+            say(f"QLoRA: routed experts quantized to 4 bits (NF4), {saved / 2**30:.3g} GiB saved")
+            if adapted:
+                say(expert_cost_note(model, f"adapted through peft.target_parameters ({', '.join(targets)}); "
+                                            "PEFT upcasts them to fp32 beside the 4-bit weights"))
+    if spec.distributed.backend == "deepspeed" and spec.distributed.stage == 3:
+        say(f"deepspeed: ZeRO-3 leaf modules {', '.join(set_zero3_leaves(model))} (MoE blocks: gathered once per forward)")

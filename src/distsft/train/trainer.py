@@ -43,12 +43,17 @@ class RunContext:
     mfu: Any = None  # tokens/s -> model FLOPs utilisation (mfu.meter), on CUDA only
     seqpar: Any = None  # train.seqpar.Layout when distributed.sequence_parallel_size > 1 (Ulysses)
     ring: Any = None  # the same under FSDP2's ring attention: a group's ranks load the same rows
+    losses: Any = None  # train.losses.LossComputer: the training loss (loss_type, router loss, per source)
 
 
 def _peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB → GiB (Linux)
+
+
+# Collated beside the model inputs for the loss only (recipe.build_trainer's collate).
+PER_TOKEN_KEYS = ("source_ids", "token_mask")
 
 
 class _StepLoader(DataLoader):
@@ -62,6 +67,10 @@ class DistSFTTrainer(SFTTrainer):
         super().__init__(*args, **kwargs)
         if ctx.seqpar is not None:
             self.loss_is_scaled_for_ga = True  # seqpar.scaled_group_loss divides by the whole step's tokens
+        if ctx.losses is not None and ctx.losses.moe is not None:
+            # TRL's init set the config's coefficient to the 0.0 distsft passes it (arguments.loss_args);
+            # the saved config keeps the model's own.
+            self.model.config.get_text_config().router_aux_loss_coef = ctx.losses.moe.router_aux_loss_coef
         # loss sum, loss tokens, real tokens, rows, batch checksum (which samples a step saw)
         self._window = torch.zeros(5, dtype=torch.float64)
         self._window_start = time.perf_counter()
@@ -96,17 +105,25 @@ class DistSFTTrainer(SFTTrainer):
         checksum = inputs.pop("batch_checksum", 0.0)
         if self.ctx.seqpar is not None and model.training:
             return self._seqpar_loss(model, inputs, num_items_in_batch, real_tokens, checksum)
-        out = super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                   num_items_in_batch=num_items_in_batch)
-        if model.training and num_items_in_batch is not None:
-            if self._window_step is None:
-                self._window_start, self._window_step = time.perf_counter(), self.state.global_step
+        if model.training and self.ctx.losses is not None and not return_outputs:
+            # distsft's loss (train.losses): TRL's per token, plus what TRL does not give back -- the LM
+            # loss apart from the router term, per-source sums, the router loss over real tokens.
+            micro = self.ctx.losses(self, model, inputs, num_items_in_batch)
+            out, local_sum, n_local = micro.loss, micro.nll_sum, micro.tokens
+        else:
+            for key in PER_TOKEN_KEYS:
+                inputs.pop(key, None)
+            out = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                       num_items_in_batch=num_items_in_batch)
             loss = out[0] if return_outputs else out
             n_local = int((inputs["labels"][..., 1:] != -100).sum())
             # TRL returns sum(token losses) / global tokens × world; undo the scaling to get this
             # micro-batch's own sum of token losses.
             scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
-            local_sum = float(loss.detach()) * float(num_items_in_batch) / scale
+            local_sum = float(loss.detach()) * float(num_items_in_batch or 0) / scale
+        if model.training and num_items_in_batch is not None:
+            if self._window_step is None:
+                self._window_start, self._window_step = time.perf_counter(), self.state.global_step
             self._window += torch.tensor([local_sum, n_local, float(real_tokens or 0),
                                           inputs["input_ids"].shape[0], float(checksum)], dtype=torch.float64)
         return out
@@ -147,11 +164,12 @@ class DistSFTTrainer(SFTTrainer):
         self._window.zero_()
         self._window_start, self._window_step = now, self.state.global_step
         loss_sum, loss_tokens, real_tokens, rows, checksum = sums
+        extra = self.ctx.losses.reduce(dist.all_reduce, device, loss_tokens, steps) if self.ctx.losses else {}
         return {"loss": loss_sum / loss_tokens if loss_tokens else float("nan"),
                 "tokens": real_tokens / steps, "loss_tokens": loss_tokens / steps,
                 "tokens_per_second": real_tokens / elapsed if elapsed > 0 else 0.0,
                 "samples": rows / steps, "step_time": elapsed / steps, "peak_memory_gb": peak,
-                "batch_checksum": checksum}
+                "batch_checksum": checksum, **extra}
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None,
@@ -192,8 +210,8 @@ class DistSFTTrainer(SFTTrainer):
                 # A rank with no rows left still runs a forward on one row (weight 0), so that ZeRO-3's
                 # collective parameter gathers line up across ranks.
                 batch = self.data_collator([ds[i] for i in (rows or [0])])
-                batch.pop("num_real_tokens", None)
-                batch.pop("batch_checksum", None)
+                for key in ("num_real_tokens", "batch_checksum", *PER_TOKEN_KEYS):
+                    batch.pop(key, None)
                 labels = batch.pop("labels")
                 batch = self._prepare_inputs(batch)
                 # Never the batch's full fp32 logits: the head runs on labelled positions, in chunks.
