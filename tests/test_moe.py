@@ -297,3 +297,15 @@ def test_all_sliding_models_get_one_windowed_mask(tmp_path):
     with torch.no_grad():
         packed = model(**batch).logits[0]
         torch.testing.assert_close(packed[9:], model(input_ids=exs[1][None]).logits[0], atol=1e-5, rtol=1e-5)
+
+
+def test_mfu_counts_active_parameters(tiny_moe_dirs):
+    from distsft.observe.mfu import count_parameters
+    model = _load(tiny_moe_dirs["qwen3_moe"])
+    embed = model.get_input_embeddings().weight.numel()
+    every = sum(p.numel() for p in model.parameters())
+    experts = sum(p.numel() for _, p in moe.expert_parameters(model))
+    assert count_parameters(model) == (every - embed - experts * 3 // 4, every - experts * 3 // 4)
+    dense = _load(tiny_moe_dirs["dense"])
+    d_every = sum(p.numel() for p in dense.parameters())
+    assert count_parameters(dense) == (d_every - dense.get_input_embeddings().weight.numel(), d_every)
