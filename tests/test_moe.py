@@ -309,3 +309,50 @@ def test_mfu_counts_active_parameters(tiny_moe_dirs):
     dense = _load(tiny_moe_dirs["dense"])
     d_every = sum(p.numel() for p in dense.parameters())
     assert count_parameters(dense) == (d_every - dense.get_input_embeddings().weight.numel(), d_every)
+
+
+def _spec(path, **sections):
+    from distsft.config.spec import validate
+    raw = {"model": {"name_or_path": str(path)}, "data": {"train_files": ["x.jsonl"], "max_length": 128},
+           "train": {"bf16": False}}
+    for k, v in sections.items():
+        raw.setdefault(k, {}).update(v)
+    return validate(raw)
+
+
+def test_plan_counts_active_parameters_and_expert_bytes(tiny_moe_dirs):
+    """plan: num_active_parameters (= num_parameters for a dense model); under QLoRA the experts count at
+    the bytes the ranks give them (NF4; bf16 when sharded), LoRA on experts at PEFT's adapter size."""
+    from peft import LoraConfig, get_peft_model
+
+    from distsft.plan import memory
+    dense = memory.estimate(_spec(tiny_moe_dirs["dense"]))
+    assert dense["num_active_parameters"] == dense["num_parameters"]
+    model = _load(tiny_moe_dirs["qwen3_moe"])
+    experts = sum(p.numel() for _, p in moe.expert_parameters(model))
+    est = memory.estimate(_spec(tiny_moe_dirs["qwen3_moe"]))
+    assert est["num_parameters"] == sum(p.numel() for p in model.parameters())
+    assert est["num_active_parameters"] == est["num_parameters"] - experts * 3 // 4
+    q = {"peft": {"method": "qlora"}}
+    shape = memory.model_shape(str(tiny_moe_dirs["qwen3_moe"]))
+    ddp = memory.estimate(_spec(tiny_moe_dirs["qwen3_moe"], **q), shape=shape)
+    fsdp = memory.estimate(_spec(tiny_moe_dirs["qwen3_moe"], distributed={"backend": "fsdp"}, **q), shape=shape)
+    assert memory.qlora_expert_bytes(_spec(tiny_moe_dirs["qwen3_moe"], **q), shape, False) == memory.QLORA_BYTES_PER_PARAM
+    assert memory.qlora_expert_bytes(_spec(tiny_moe_dirs["qwen3_moe"], **q), shape, True) == 2.0
+    adapted = _spec(tiny_moe_dirs["qwen3_moe"], peft={"method": "qlora", "target_parameters": ["experts.down_proj"]})
+    assert memory.qlora_expert_bytes(adapted, shape, False) == 4.0  # PEFT upcasts unquantized weights to fp32
+    assert fsdp["trainable_parameters"] == ddp["trainable_parameters"]
+    # LoRA on the experts: the estimate's trainable count is PEFT's
+    targets = ["experts.gate_up_proj", "experts.down_proj"]
+    est = memory.estimate(_spec(tiny_moe_dirs["qwen3_moe"], peft={"method": "lora", "r": 4, "target_parameters": targets}),
+                          shape=shape)
+    pm = get_peft_model(model, LoraConfig(r=4, target_modules=moe.lora_targets(model, "all-linear"),
+                                          target_parameters=targets, task_type="CAUSAL_LM"))
+    assert est["trainable_parameters"] == sum(p.numel() for p in pm.parameters() if p.requires_grad)
+
+
+def test_router_coefficient_on_a_dense_model_is_refused_at_plan_time(tiny_moe_dirs):
+    from distsft.plan import memory
+    with pytest.raises(SpecError, match=r"train\.router_aux_loss_coef.*not a mixture-of-experts"):
+        memory.estimate(_spec(tiny_moe_dirs["dense"], train={"router_aux_loss_coef": 0.1}))
+    assert memory.estimate(_spec(tiny_moe_dirs["qwen3_moe"], train={"router_aux_loss_coef": 0.1}))
