@@ -266,3 +266,26 @@ def prepare(spec: Any, model: Any, sharded: bool, say: Any) -> None:
                                             "PEFT upcasts them to fp32 beside the 4-bit weights"))
     if spec.distributed.backend == "deepspeed" and spec.distributed.stage == 3:
         say(f"deepspeed: ZeRO-3 leaf modules {', '.join(set_zero3_leaves(model))} (MoE blocks: gathered once per forward)")
+
+
+def preflight(spec: Any) -> None:
+    """The MoE-option checks before any rank starts (train.preflight), from the model's config on the
+    meta device; only when such an option is set (it imports transformers). A model not readable here
+    (a hub id not downloaded yet) is checked by the ranks after loading (`prepare`)."""
+    coef = spec.train.router_aux_loss_coef is not None
+    targets = list(spec.peft.target_parameters) if spec.peft.method != "none" else []
+    if not (coef or targets):
+        return
+    try:
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+        config = AutoConfig.from_pretrained(spec.model.name_or_path, trust_remote_code=spec.model.trust_remote_code,
+                                            local_files_only=True)
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.model.trust_remote_code)
+    except Exception:  # noqa: BLE001 - unreadable here: the ranks check after loading
+        return
+    if coef:
+        moe_or_error(model, "train.router_aux_loss_coef")
+    if targets:
+        check_target_parameters(model, targets)
