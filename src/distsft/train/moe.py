@@ -46,10 +46,15 @@ def routers(model: Any) -> list[tuple[str, Any]]:
         n_exp = _num_experts(block.experts)
         for child_name, child in block.named_children():
             w = getattr(child, "weight", None)
-            if child_name != "experts" and isinstance(w, torch.Tensor) and w.dim() == 2 and (
-                    n_exp is None or w.shape[0] == n_exp):
+            shape = _shape(w) if isinstance(w, torch.Tensor) else ()
+            if child_name != "experts" and len(shape) == 2 and (n_exp is None or shape[0] == n_exp):
                 out.append((f"{name}.{child_name}" if name else child_name, child))
     return out
+
+
+def _shape(p: torch.Tensor) -> tuple[int, ...]:
+    """A parameter's real shape; ZeRO-3 partitions while loading (the local tensor is a flat shard)."""
+    return tuple(getattr(p, "ds_shape", p.shape))
 
 
 def _num_experts(experts: Any) -> int | None:
@@ -69,7 +74,7 @@ def fused_expert_parameter_names(model: Any) -> list[str]:
     names: list[str] = []
     for _, block in moe_blocks(model):
         for pname, p in block.experts.named_parameters(recurse=False):
-            if p.dim() == 3 and pname not in names:
+            if len(_shape(p)) == 3 and pname not in names:
                 names.append(pname)
     return names
 
