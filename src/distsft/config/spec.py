@@ -187,6 +187,17 @@ class PeftSpec(_Section):
     def _one_or_many(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
 
+    @model_validator(mode="after")
+    def _param_targets(self) -> "PeftSpec":
+        # PEFT's ParamWrapper (target_parameters) has no dropout: the default dropout yields to it, an
+        # explicit one is a conflict.
+        if self.target_parameters and self.lora_dropout:
+            if "lora_dropout" in self.model_fields_set:
+                raise ValueError(f"peft.target_parameters needs peft.lora_dropout: 0 (got {self.lora_dropout}); "
+                                 "PEFT adapts parameters without dropout")
+            object.__setattr__(self, "lora_dropout", 0.0)
+        return self
+
 
 class TrainSpec(_Section):
     # auto: the largest micro-batch the memory estimate fits on the GPU (plan.fit), accumulation derived
