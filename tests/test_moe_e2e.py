@@ -95,13 +95,13 @@ def _reloaded_eval_loss(out, base):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from distsft import data
     from distsft.config.spec import load_spec
+    from distsft.data import build as data
     from distsft.data.collate import PackedCollator
-    from distsft.train.recipe import cache_root
+    from distsft.data.split import cache_root
     spec = load_spec(out / "run.yaml")
     tok = AutoTokenizer.from_pretrained(base)
-    ds, _ = data.prepare(spec, tok, "eval", cache_root(spec))
+    ds, _ = data.load_or_build(spec, tok, "eval", cache_root(spec))
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), out).eval()
     collate = PackedCollator(tok.pad_token_id, "sdpa")
     total, count = 0.0, 0
