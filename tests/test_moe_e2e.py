@@ -153,3 +153,52 @@ def test_bad_moe_and_loss_options_exit_2_naming_the_key(tmp_path, models, over, 
     assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-3000:]
     assert key in p.stdout + p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_moe_with_every_loss_option_resumes_exactly(tmp_path, models):
+    """Qwen3-MoE with the router loss, DFT, NEFTune and two labelled sources: preempted after step 2
+    and rerun, every logged figure of every step (loss, aux_loss, loss_<label>) equals the uninterrupted
+    run's -- NEFTune's noise included (its generator state travels with the checkpoint)."""
+    import signal
+
+    from distsft.checkpoint.preempt import EXIT_PREEMPTED
+    steps = 5
+    extra = (f"data:\n  sources:\n    - path: {h.TRAIN}\n      label: chat\n      count: 300\n"
+             f"    - path: {h.ROOT / 'examples/data/instruct.jsonl'}\n      format: instruction\n      label: instr\n"
+             f"  max_length: 256\n")
+    over = [f"train.max_steps={steps}", "train.loss_type=dft", "train.neftune_noise_alpha=5",
+            "train.router_aux_loss_coef=0.1", "checkpoint.save_steps=100", "train.global_batch_size=4"]
+    runs = {}
+    for name in ("straight", "resumed"):
+        spec, out = _spec(tmp_path / name, models["qwen3_moe"], "ddp")
+        text = spec.read_text()
+        spec.write_text(text[:text.index("data:")] + extra + text[text.index("train:"):])
+        if name == "resumed":
+            proc = h.start("run", spec, "--gpus", "1", *over)
+            h.wait_for_step(out, 2, proc)
+            proc.send_signal(signal.SIGUSR1)
+            assert proc.wait(timeout=180) == EXIT_PREEMPTED
+        h.run("run", spec, "--gpus", "1", *over, check=True, timeout=400)
+        runs[name] = {r["step"]: r for r in h.metrics(out) if "loss" in r}
+    assert sorted(runs["resumed"]) == list(range(1, steps + 1))
+    for step, ref in runs["straight"].items():
+        got = runs["resumed"][step]
+        for key in ("loss", "aux_loss", "loss_chat", "loss_instr", "loss_tokens_chat"):
+            if key in ref:
+                assert got[key] == pytest.approx(ref[key], abs=1e-5), (step, key)
+
+
+@pytest.mark.parametrize("backend,gpus", [("ddp", "1"), ("fsdp", "2")])
+def test_qlora_on_moe_quantizes_the_experts_or_says_what_they_cost(tmp_path, models, backend, gpus):
+    """QLoRA on Qwen3-MoE: unsharded, the experts are quantized too (said, with the bytes saved);
+    sharded (FSDP2) they stay bf16 and the run says so loudly, with their size. Both train."""
+    spec, out = _spec(tmp_path, models["qwen3_moe"], backend)
+    p = h.run("run", spec, "--gpus", gpus, "peft.method=qlora", "peft.r=4", "train.max_steps=2",
+              "train.learning_rate=1e-2", check=True, timeout=500)
+    text = p.stdout + p.stderr
+    if backend == "ddp":
+        assert "routed experts quantized to 4 bits" in text
+    else:
+        assert "QLoRA: the routed experts stay in 16 bits (sharded QLoRA" in text and "GiB" in text
+    m = [r for r in h.metrics(out) if "loss" in r]
+    assert [r["step"] for r in m] == [1, 2] and all(math.isfinite(r["loss"]) for r in m)
