@@ -356,3 +356,24 @@ def test_router_coefficient_on_a_dense_model_is_refused_at_plan_time(tiny_moe_di
     with pytest.raises(SpecError, match=r"train\.router_aux_loss_coef.*not a mixture-of-experts"):
         memory.estimate(_spec(tiny_moe_dirs["dense"], train={"router_aux_loss_coef": 0.1}))
     assert memory.estimate(_spec(tiny_moe_dirs["qwen3_moe"], train={"router_aux_loss_coef": 0.1}))
+
+
+def test_an_moe_checkpoint_reloads_its_experts(tiny_moe_dirs, tmp_path):
+    """transformers saves MoE checkpoints per expert; HF Trainer's resume (load_state_dict, strict=False)
+    would leave the fused experts at their initial weights. reload_checkpoint_weights restores all."""
+    trained = _load(tiny_moe_dirs["qwen3_moe"])
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.01)
+    trained.save_pretrained(tmp_path / "ckpt")
+    from safetensors.torch import load_file
+    saved = load_file(tmp_path / "ckpt" / "model.safetensors")
+    model = _load(tiny_moe_dirs["qwen3_moe"])
+    result = model.load_state_dict(saved, strict=False)  # what HF's resume does
+    assert any("experts.gate_up_proj" in k for k in result.missing_keys)  # the experts were not loaded
+    assert moe.reload_checkpoint_weights(model, str(tmp_path / "ckpt"))
+    for (n, a), b in zip(model.state_dict().items(), trained.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=n)
+    dense = _load(tiny_moe_dirs["dense"])
+    dense.save_pretrained(tmp_path / "dense")
+    assert not moe.reload_checkpoint_weights(dense, str(tmp_path / "dense"))  # HF's own path is right there

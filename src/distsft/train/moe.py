@@ -294,3 +294,32 @@ def preflight(spec: Any) -> None:
         moe_or_error(model, "train.router_aux_loss_coef")
     if targets:
         check_target_parameters(model, targets)
+
+
+def reload_checkpoint_weights(model: Any, checkpoint_dir: str) -> bool:
+    """Resume (DDP / ZeRO-1/2 full fine-tuning): HF Trainer loads a checkpoint's model.safetensors with
+    `load_state_dict(strict=False)`, but transformers 5 saves MoE checkpoints in the original per-expert
+    layout (`experts.0.gate_proj.weight`, ...), which matches none of the fused stacks: the experts would
+    silently keep their initial weights while the optimizer resumes. Here the checkpoint is read through
+    from_pretrained (which converts the layout) and copied in strictly. Returns whether it did so (False:
+    not an MoE, or the keys already match; HF's own loading is right then)."""
+    import json
+    from pathlib import Path
+    d = Path(checkpoint_dir)
+    if not moe_blocks(model):
+        return False
+    if (d / "model.safetensors").is_file():
+        from safetensors import safe_open
+        with safe_open(str(d / "model.safetensors"), "pt") as f:
+            keys = set(f.keys())
+    elif (d / "model.safetensors.index.json").is_file():
+        keys = set(json.loads((d / "model.safetensors.index.json").read_text())["weight_map"])
+    else:
+        return False
+    if keys == set(model.state_dict()):
+        return False
+    dtype = next(model.parameters()).dtype
+    saved = type(model).from_pretrained(str(d), dtype=dtype, attn_implementation="eager")
+    model.load_state_dict(saved.state_dict(), strict=True)
+    del saved
+    return True

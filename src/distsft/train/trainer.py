@@ -91,6 +91,35 @@ class DistSFTTrainer(SFTTrainer):
         return _StepLoader(self.train_dataset, batch_sampler=sampler, collate_fn=self.data_collator,
                            num_workers=0, pin_memory=self.args.device.type == "cuda")
 
+    # ------------------------------------------------------------------ resume
+    def train(self, resume_from_checkpoint: Any = None, **kwargs: Any) -> Any:
+        self._rng_from = resume_from_checkpoint
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        """MoE checkpoints are saved in the per-expert layout HF's resume cannot load (train.moe)."""
+        from distsft.train.moe import reload_checkpoint_weights
+        target = self.model if model is None else model
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled or not reload_checkpoint_weights(target, resume_from_checkpoint):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        """checkpoint.load_best_at_end: the same layout problem as resuming."""
+        from distsft.train.moe import reload_checkpoint_weights
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled or not reload_checkpoint_weights(
+                self.model, self.state.best_model_checkpoint):
+            super()._load_best_model()
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        """On the first step after a resume, the random state of the step the checkpoint was saved at
+        (HF saves it per rank): with ignore_data_skip (distsft's sampler places itself by step) HF
+        would not restore it, and NEFTune's noise and LoRA dropout would differ from the uninterrupted
+        run's."""
+        if getattr(self, "_rng_from", None):
+            self._load_rng_state(self._rng_from)
+            self._rng_from = None
+        return super().training_step(*args, **kwargs)
+
     # ------------------------------------------------------------------ loss bookkeeping
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list[Any], Any]:
         batches, n = super().get_batch_samples(epoch_iterator, num_batches, device)
