@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -174,23 +175,34 @@ def measured_bytes(model_dir: Path, micro: int, length: int) -> dict[str, int]:
 
 
 def section_memory() -> None:
-    from distsft.config.spec import validate
+    """The estimate's own byte figures (plan rounds to 0.01 GiB, coarser than these models)."""
     from distsft.plan import memory
     WORK.mkdir(parents=True, exist_ok=True)
+    models = {"tiny Qwen3-MoE": make_tiny_moe.build(WORK / "qwen3_moe", "qwen3_moe"),
+              "small Qwen3-MoE (h256, 16 experts × 128, 4 layers)": make_tiny_moe.build(
+                  WORK / "qwen3_moe_mem", "qwen3_moe", hidden_size=256, num_hidden_layers=4, num_experts=16,
+                  moe_intermediate_size=128, intermediate_size=512),
+              "tiny dense (same active size)": make_tiny_moe.build(WORK / "dense", "dense")}
+    from distsft.config.moe import MoE
+    big = memory.ModelShape(30_500_000_000, 0, 2048, 48, 151936, (), 29_000_000_000, MoE(128, 8, 0.001, True), (), 48)
+    print(f"\nActivation values per hidden unit per token and layer, Qwen3-30B-A3B's shape: "
+          f"{memory.act_values_per_hidden(big):.1f} (MoE-aware) vs {memory.ACT_VALUES_PER_HIDDEN} (dense MLP assumed)")
     print("\n## Memory: plan's estimate vs measured (one process, fp32 full fine-tuning, DDP)\n")
-    print("| model | micro × length | estimate states / act. (MiB) | measured states / act. (MiB) | error, total |")
-    print("|---|---|---|---|---|")
-    for family in ("qwen3_moe", "dense"):
-        path = make_tiny_moe.build(WORK / family, family)
+    print("| model | micro × length | estimate states / act. (MiB) | measured states / act. (MiB) | error, total | before (dense-MLP activations) |")
+    print("|---|---|---|---|---|---|")
+    for name, path in models.items():
+        shape = memory.model_shape(str(path))
+        states = memory.trainable_states_bytes(shape.num_parameters, shape.largest_layer_parameters, 0, False,
+                                               False, 1, 1)[0]
         for micro, length in ((2, 256), (4, 512)):
-            spec = validate({"model": {"name_or_path": str(path)}, "data": {"train_files": ["x.jsonl"],
-                             "max_length": length}, "train": {"per_device_train_batch_size": micro, "bf16": False}})
-            est = memory.estimate(spec)
+            act = memory.activation_bytes(shape, micro, length, False, 4)
+            dense_act = memory.activation_bytes(dataclasses.replace(shape, moe=None), micro, length, False, 4)
             got = measured_bytes(path, micro, length)
-            e_states, e_act = est["model_states_gb"] * GIB, est["activations_gb"] * GIB
-            e_tot, m_tot = e_states + e_act, got["model_states"] + got["activations"]
-            print(f"| {family} | {micro} × {length} | {_mib(e_states)} / {_mib(e_act)} | "
-                  f"{_mib(got['model_states'])} / {_mib(got['activations'])} | {100 * (e_tot - m_tot) / m_tot:+.0f}% |",
+            e_tot, m_tot = states + act, got["model_states"] + got["activations"]
+            before = 100 * (states + dense_act - m_tot) / m_tot
+            print(f"| {name} | {micro} × {length} | {_mib(states)} / {_mib(act)} | "
+                  f"{_mib(got['model_states'])} / {_mib(got['activations'])} | {100 * (e_tot - m_tot) / m_tot:+.0f}% | "
+                  f"{before:+.0f}% |",
                   flush=True)
 
 

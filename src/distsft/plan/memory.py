@@ -184,13 +184,14 @@ def frozen_weights_bytes(params: int, bytes_per_param: float, largest_layer: int
 def act_values_per_hidden(shape: ModelShape) -> float:
     """Stored values per hidden unit per token in one layer: Korthikanti's 17, whose MLP part (9.5: input,
     the 4h up-projection, the activation, dropout) assumes a dense 4h MLP. A mixture of experts stores,
-    per token, the block input, the router's logits and for each of its top_k experts the gated 2m
-    up-projection, the activation and the product (4m values, m = the expert width)."""
+    per token, the block input, the router's logits and probabilities, and for each of its top_k experts
+    the gathered input and the expert's output before weighting (2h) and the gated 2m up-projection,
+    the activation and the product (4m; m = the expert width) -- transformers' per-expert loop."""
     if shape.moe is None or not shape.moe_blocks:
         return ACT_VALUES_PER_HIDDEN
     h, layout = shape.hidden_size, shape.moe
     width = shape.expert_parameters / (shape.moe_blocks * layout.num_experts * 3 * h)  # gate, up, down: 3·h·m
-    mlp = h + layout.num_experts + layout.top_k * 4 * width
+    mlp = h + 2 * layout.num_experts + layout.top_k * (2 * h + 4 * width)
     return ACT_VALUES_PER_HIDDEN - 9.5 + mlp / h
 
 
