@@ -83,9 +83,14 @@ def plan(spec_path: Path = typer.Argument(..., metavar="SPEC"), overrides: Optio
             _fail(str(exc))
             return
         from distsft.plan.memory import estimate
-        mem = estimate(spec, p)
+        try:
+            mem = estimate(spec, p)  # also refuses model options the model cannot take (MoE, target_parameters)
+        except SpecError as exc:
+            _fail(str(exc))
+            return
         if mem:
             p.num_parameters = mem.get("num_parameters")
+            p.num_active_parameters = mem.get("num_active_parameters")
             p.memory_gb_per_gpu = mem.get("per_stage_gb", {})
         # the recommended ranges for this model's size and method (plan.recommend), now that the size is
         # known; make_plan's other warnings (sequence layout, positions) stay
@@ -160,7 +165,9 @@ def _print_plan(spec: Any, p: Any, mem: dict[str, Any] | None, why: str | None, 
         ("warmup steps", fmt(p.warmup_steps)),
     ]
     if mem:
-        rows.append(("parameters", f"{mem['num_parameters']:,} ({mem.get('trainable_parameters', 0):,} trainable)"))
+        active = mem.get("num_active_parameters", mem["num_parameters"])
+        rows.append(("parameters", f"{mem['num_parameters']:,} ({mem.get('trainable_parameters', 0):,} trainable"
+                                   + (f"; {active:,} active per token: mixture of experts)" if active != mem["num_parameters"] else ")")))
         rows.append(("memory / GPU", f"~{_gb(mem['total_gb'])} GB (estimate; model states "
                                      f"{_gb(mem['model_states_gb'])} + activations {_gb(mem['activations_gb'])})"))
         for label, gb in mem.get("per_stage_gb", {}).items():

@@ -189,9 +189,10 @@ def test_prepare_packs_caches_and_keys(tiny_tokenizer, tmp_path, monkeypatch):
     ds, stats = data.load_or_build(spec, tiny_tokenizer, "train", root)
     key = data_cache.cache_key(spec, tiny_tokenizer, "train")
     assert sorted(p.name for p in root.iterdir()) == [key]  # no temporary directory left behind
-    assert ds.column_names == ["input_ids", "labels", "seq_lengths"]
+    assert ds.column_names == ["input_ids", "labels", "seq_lengths", "source_ids"]
     for row in ds:
         assert sum(row["seq_lengths"]) == len(row["input_ids"]) <= 128
+        assert row["source_ids"] == [0] * len(row["seq_lengths"])  # one source
         starts = np.cumsum([0] + row["seq_lengths"][:-1])
         assert all(row["labels"][s] == -100 for s in starts)
     assert stats["num_examples"] + stats["num_dropped"] == 300 and stats["num_rows"] == len(ds)
@@ -282,3 +283,24 @@ def test_missing_files_and_hub_ids(tmp_path, monkeypatch):
     monkeypatch.setattr("datasets.load_dataset", offline)
     with pytest.raises(SpecError, match="someone/chats.*not a local path.*Hub.*Couldn't reach"):
         inmemory.load_records(["someone/chats"], "messages", spec)
+
+
+def test_packed_rows_carry_each_examples_source(tiny_tokenizer, tmp_path):
+    """Rows mix sources; `source_ids` (parallel to seq_lengths) names each example's data.sources index,
+    so per-source losses survive packing: each source's example count comes out exactly."""
+    from distsft.config.spec import DataSpec, SourceSpec
+    chat, instr = EXAMPLES / "train.jsonl", EXAMPLES / "instruct.jsonl"
+    spec = DataSpec(sources=[SourceSpec(path=str(chat), count=200, label="chat"),
+                             SourceSpec(path=str(instr), format="instruction", label="instr")], max_length=256)
+    ds, stats = data.load_or_build(spec, tiny_tokenizer, "train", tmp_path / "cache")
+    per_source = {0: 0, 1: 0}
+    mixed = 0
+    for row in ds:
+        assert len(row["source_ids"]) == len(row["seq_lengths"])
+        mixed += len(set(row["source_ids"])) > 1
+        for s in row["source_ids"]:
+            per_source[s] += 1
+    assert per_source == {0: 200, 1: stats["num_examples"] - 200} and mixed > 0
+    # a changed label names metrics only: the same cache
+    relabelled = spec.model_copy(update={"sources": [spec.sources[0].model_copy(update={"label": "x"}), spec.sources[1]]})
+    assert data_cache.cache_key(relabelled, tiny_tokenizer, "train") == data_cache.cache_key(spec, tiny_tokenizer, "train")

@@ -75,6 +75,9 @@ class SourceSpec(_Section):
             from .peers import expand
             return expand(data)
         return data
+    # Training sources: metrics.jsonl logs loss_<label> over this source's tokens (sources may share a
+    # label); eval sources: the eval set's name (default: the file or dataset name).
+    label: str | None = Field(None, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 
     @model_validator(mode="after")
     def _check(self) -> "SourceSpec":
@@ -92,7 +95,7 @@ class SourceSpec(_Section):
 
 
 class EvalSourceSpec(SourceSpec):
-    label: str | None = None  # default: the file or dataset name
+    """An eval set's source; `label` names the set (default: the file or dataset name)."""
 
 
 class DataSpec(_Section):
@@ -175,11 +178,25 @@ class PeftSpec(_Section):
     use_rslora: bool = False  # scale by lora_alpha / sqrt(r) instead of lora_alpha / r
     modules_to_save: list[str] = Field(default_factory=list)  # trained in full and saved with the adapter
     exclude_modules: list[str] | str = Field(default_factory=list)  # names (or one regex) never adapted
+    # PEFT's target_parameters: weights that are not nn.Linear, e.g. an MoE's fused experts
+    # ([experts.gate_up_proj, experts.down_proj]); each must match a parameter of the model.
+    target_parameters: list[str] = Field(default_factory=list)
 
     @field_validator("modules_to_save", mode="before")
     @classmethod
     def _one_or_many(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _param_targets(self) -> "PeftSpec":
+        # PEFT's ParamWrapper (target_parameters) has no dropout: the default dropout yields to it, an
+        # explicit one is a conflict.
+        if self.target_parameters and self.lora_dropout:
+            if "lora_dropout" in self.model_fields_set:
+                raise ValueError(f"peft.target_parameters needs peft.lora_dropout: 0 (got {self.lora_dropout}); "
+                                 "PEFT adapts parameters without dropout")
+            object.__setattr__(self, "lora_dropout", 0.0)
+        return self
 
 
 class TrainSpec(_Section):
@@ -219,6 +236,10 @@ class TrainSpec(_Section):
         if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
             return v
         raise ValueError("must be a positive integer or auto")
+    # MoE: weight of the router's load-balancing loss in the optimized loss (None: the model config's)
+    router_aux_loss_coef: float | None = Field(None, ge=0.0)
+    loss_type: Literal["nll", "dft"] = "nll"  # dft: TRL's Dynamic Fine-Tuning (token NLL × its probability)
+    neftune_noise_alpha: float | None = Field(None, gt=0.0)  # NEFTune: uniform noise on input embeddings
 
     @field_validator("optim")
     @classmethod
@@ -460,7 +481,8 @@ def _check_options(spec: RunSpec) -> None:
     p = spec.peft
     if p.method == "none":
         for key, on in (("use_dora", p.use_dora), ("use_rslora", p.use_rslora),
-                        ("modules_to_save", p.modules_to_save), ("exclude_modules", p.exclude_modules)):
+                        ("modules_to_save", p.modules_to_save), ("exclude_modules", p.exclude_modules),
+                        ("target_parameters", p.target_parameters)):
             if on:
                 raise ValueError(f"peft.{key} needs peft.method: lora or qlora")
 

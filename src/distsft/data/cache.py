@@ -23,7 +23,7 @@ from typing import Any
 
 from distsft.runtime import envvars
 
-DATA_FORMAT_VERSION = 5  # bump when the cached layout or the labelling rules change (4: issue 25; 5: issue 24)
+DATA_FORMAT_VERSION = 6  # bump when the cached layout or the labelling rules change (4: issue 25; 5: issue 24; 6: issue 21, source_ids)
 INDEX_DIR = "index"
 DATA_FILE = "data.arrow"  # the packed rows: one Arrow IPC stream, memory-mapped by the readers
 # Everything in a model directory can shape the tokenizer (tokenizer*.json, *.model, vocab, merges,
@@ -50,7 +50,7 @@ def _file_fingerprint(name: str) -> list:
 
 def _source(src: Any, seed: int) -> dict[str, Any]:
     sp = src.spec
-    out = {"files": _file_fingerprint(sp.path), **sp.model_dump(exclude={"path"})}
+    out = {"files": _file_fingerprint(sp.path), **sp.model_dump(exclude={"path", "label"})}  # a label names metrics only
     if src.random:
         out["seed"] = seed
     return out

@@ -61,7 +61,10 @@ def write_packed(spilled: Any, labels: list[str], d: Any, path: Path) -> dict:
     order, per_row = np.concatenate(orders), np.concatenate(per_rows)
     row_start = _offsets(per_row)  # example offset of each row
     schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
-                        ("seq_lengths", pa.list_(pa.int32()))])
+                        ("seq_lengths", pa.list_(pa.int32())),
+                        # per example, parallel to seq_lengths: the source it came from (loss_<label>)
+                        ("source_ids", pa.list_(pa.int32()))])
+    source_of = spilled.source_of if spilled.source_of is not None else np.zeros(lens_all.size, dtype=np.int32)
     rows_per_batch = max(1, _TOKENS_PER_BATCH // max_len)
     with open(spilled.ids_path, "rb") as fi, open(spilled.labels_path, "rb") as fl, \
             pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
@@ -76,7 +79,8 @@ def write_packed(spilled: Any, labels: list[str], d: Any, path: Path) -> dict:
             writer.write_batch(pa.record_batch([
                 pa.ListArray.from_arrays(pa.array(tok_off.astype(np.int32)), pa.array(ids)),
                 pa.ListArray.from_arrays(pa.array(tok_off.astype(np.int32)), pa.array(lab)),
-                pa.ListArray.from_arrays(pa.array(ex_off.astype(np.int32)), pa.array(seq.astype(np.int32)))],
+                pa.ListArray.from_arrays(pa.array(ex_off.astype(np.int32)), pa.array(seq.astype(np.int32))),
+                pa.ListArray.from_arrays(pa.array(ex_off.astype(np.int32)), pa.array(source_of[ex].astype(np.int32)))],
                 schema=schema))
     st = spilled.stats
     kept = lens_all

@@ -60,6 +60,7 @@ class Spilled:
     set_of: np.ndarray                        # int32 per kept example: its eval set (0 for train)
     stats: dict[str, Any]  # counts, and "drops" / "template_drops" (data/drops.py)
     warnings: set[str] = field(default_factory=set)
+    source_of: np.ndarray | None = None       # int32 per kept example: its stream (= data.sources index for train)
 
 
 def default_num_proc() -> int:
@@ -142,7 +143,7 @@ def encode_streams(streams: list[Stream], tokenizer: Any, num_proc: int, spill_d
             specs.append((s.spec, s.mapping))
         spec_index.append(specs.index((s.spec, s.mapping)))
     ids_path, labels_path = spill_dir / "input_ids.i32", spill_dir / "labels.i32"
-    lengths, sets = [], []
+    lengths, sets, srcs = [], [], []
     totals = {"num_examples": 0, "num_dropped": 0, "num_truncated": 0, "num_tokens": 0, "num_loss_tokens": 0}
     drops: dict[str, dict] = {}  # reason -> count and first rows, in chunk order (data/drops.py)
     template_drops: dict[str, int] = {}  # what the template leaves out: system, tools -> conversations
@@ -154,6 +155,7 @@ def encode_streams(streams: list[Stream], tokenizer: Any, num_proc: int, spill_d
             labels.tofile(f_labels)
             lengths.append(lens)
             sets.append(np.full(lens.size, streams[si].set_index, dtype=np.int32))
+            srcs.append(np.full(lens.size, si, dtype=np.int32))
             for k in totals:
                 totals[k] += stats[k]
             merge_drops(drops, stats["drops"])
@@ -174,7 +176,7 @@ def encode_streams(streams: list[Stream], tokenizer: Any, num_proc: int, spill_d
         else:
             _run_pool(tasks, tokenizer, specs, num_proc, take)
     return Spilled(ids_path, labels_path, _concat(lengths), _concat(sets),
-                   {**totals, "drops": drops, "template_drops": template_drops}, warnings)
+                   {**totals, "drops": drops, "template_drops": template_drops}, warnings, _concat(srcs))
 
 
 def _run_pool(tasks: Iterator, tokenizer: Any, specs: list[Any], num_proc: int, take: Any) -> None:

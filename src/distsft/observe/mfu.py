@@ -5,7 +5,8 @@
 Training FLOPs per token follow the 6N convention, made trainable-aware: the forward pass costs 2N
 (N = parameters doing matmuls: everything but the input embedding lookup), the backward pass 2N for
 the activation gradients (needed through frozen layers too) plus 2 per *trainable* parameter for the
-weight gradients. Full fine-tuning: 6N; LoRA: ≈ 4N. Attention's own FLOPs and recomputation under
+weight gradients. Full fine-tuning: 6N; LoRA: ≈ 4N. For a mixture of experts N counts the routed experts
+at num_experts_per_tok / num_experts (the active parameters). Attention's own FLOPs and recomputation under
 activation checkpointing are not counted (the usual MFU, not HFU). The peak is the device's dense
 bf16/fp16 tensor-core rate, looked up by its name (`logging.peak_tflops` overrides); an unknown device
 without the override logs no mfu (and says so once). An fp32 run (train.bf16: false) is measured
@@ -63,25 +64,30 @@ def _numel(p: Any) -> int:
 
 
 def count_parameters(model: Any) -> tuple[int, int]:
-    """(matmul parameters, trainable parameters). Embedding tables are lookups, not matmuls; an output
-    head tied to the input embedding still multiplies with it, so then it counts (once)."""
+    """(matmul parameters, trainable parameters) one token runs through. Embedding tables are lookups,
+    not matmuls; an output head tied to the input embedding still multiplies with it, so then it counts
+    (once). A mixture of experts counts num_experts_per_tok / num_experts of its routed experts (their
+    adapters too): the active parameters, not the ~10x larger total of e.g. Qwen3-30B-A3B."""
     import torch
+    from distsft.config.moe import is_expert_parameter, moe_of
+    layout = moe_of(getattr(model, "config", None))
+    active = layout.active_fraction if layout else 1.0
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     head_weight = getattr(head, "weight", None)
     lookups = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     seen: set[int] = set()
-    total = trainable = 0
-    for p in model.parameters():
+    total = trainable = 0.0
+    for name, p in model.named_parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
-        n = _numel(p)
+        n = _numel(p) * (active if layout and is_expert_parameter(name) else 1.0)
         if p.requires_grad:
             trainable += n
         if id(p) in lookups and p is not head_weight:
             continue
         total += n
-    return total, trainable
+    return int(round(total)), int(round(trainable))
 
 
 def flops_per_token(matmul_params: int, trainable_params: int) -> float:

@@ -56,6 +56,18 @@ class ModelShape:
     linear_layers: tuple[tuple[str, int, int], ...]
     # Parameters that multiply (all but an input embedding not tied to the head): FLOPs per token.
     matmul_parameters: int | None = None
+    # Mixture of experts: the routed experts' parameters (all of them), the layout, and the fused stacks
+    # (name, shape) that PEFT's target_parameters can adapt.
+    expert_parameters: int = 0
+    moe: Any = None  # config.moe.MoE
+    expert_stacks: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    moe_blocks: int = 0
+
+    @property
+    def num_active_parameters(self) -> int:
+        from distsft.config.moe import active_parameters
+        return active_parameters(self.num_parameters, self.expert_parameters, self.moe)
+
 
 
 def _config(name_or_path: str, trust_remote_code: bool, local_files_only: bool, config: dict[str, Any] | None) -> Any:
@@ -100,8 +112,18 @@ def model_shape(name_or_path: str, trust_remote_code: bool = False,
                         if isinstance(m, nn.Linear) and m is not output)
         emb = model.get_input_embeddings().weight
         lookup = 0 if emb is getattr(output, "weight", None) else emb.numel()
+        from distsft.config.moe import active_parameters, is_expert_parameter, moe_of
+        layout = moe_of(config)
+        experts = sum(p.numel() for n, p in model.named_parameters() if is_expert_parameter(n)) if layout else 0
+        stacks = tuple((n, tuple(p.shape)) for n, p in model.named_parameters()
+                       if layout and is_expert_parameter(n) and p.dim() == 3)
+        blocks = sum(1 for m in model.modules() if isinstance(getattr(m, "experts", None), nn.Module))
+        layout = layout if experts else None
+        # FLOPs per token count the active parameters: top_k / num_experts of the routed experts
         return ModelShape(total, largest, int(text.hidden_size), int(text.num_hidden_layers),
-                          int(text.vocab_size), linears, matmul_parameters=total - lookup)
+                          int(text.vocab_size), linears,
+                          matmul_parameters=active_parameters(total, experts, layout) - lookup,
+                          expert_parameters=experts, moe=layout, expert_stacks=stacks, moe_blocks=blocks)
     except Exception:  # offline hub id, gated repo, unknown architecture: the plan shows "unknown"
         return None
 
@@ -113,9 +135,14 @@ def _targeted(name: str, targets: list[str] | str) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def lora_trainable_parameters(shape: ModelShape, r: int, target_modules: list[str] | str) -> int:
-    """A and B matrices of rank r on each targeted linear layer: r·(in + out) parameters."""
-    return sum(r * (i + o) for name, i, o in shape.linear_layers if _targeted(name, target_modules))
+def lora_trainable_parameters(shape: ModelShape, r: int, target_modules: list[str] | str,
+                              target_parameters: list[str] | None = None) -> int:
+    """A and B matrices of rank r on each targeted linear layer: r·(in + out) parameters; on a fused
+    expert stack [E, a, b] adapted through target_parameters, PEFT's r·E·(a + b). `all-linear` leaves an
+    MoE's routers alone (train.moe.lora_targets); they are not nn.Linear in these models anyway."""
+    n = sum(r * (i + o) for name, i, o in shape.linear_layers if _targeted(name, target_modules))
+    return n + sum(r * s[0] * (s[1] + s[2]) for name, s in shape.expert_stacks
+                   if _targeted(name, list(target_parameters or [])))
 
 
 def trainable_states_bytes(params: int, largest_layer: int, stage: int, offload_optimizer: bool,
@@ -154,13 +181,27 @@ def frozen_weights_bytes(params: int, bytes_per_param: float, largest_layer: int
     return gathered if offload_params else int(params * bytes_per_param / world) + gathered
 
 
+def act_values_per_hidden(shape: ModelShape) -> float:
+    """Stored values per hidden unit per token in one layer: Korthikanti's 17, whose MLP part (9.5: input,
+    the 4h up-projection, the activation, dropout) assumes a dense 4h MLP. A mixture of experts stores,
+    per token, the block input, the router's logits and probabilities, and for each of its top_k experts
+    the gathered input and the expert's output before weighting (2h) and the gated 2m up-projection,
+    the activation and the product (4m; m = the expert width) -- transformers' per-expert loop."""
+    if shape.moe is None or not shape.moe_blocks:
+        return ACT_VALUES_PER_HIDDEN
+    h, layout = shape.hidden_size, shape.moe
+    width = shape.expert_parameters / (shape.moe_blocks * layout.num_experts * 3 * h)  # gate, up, down: 3·h·m
+    mlp = h + 2 * layout.num_experts + layout.top_k * (2 * h + 4 * width)
+    return ACT_VALUES_PER_HIDDEN - 9.5 + mlp / h
+
+
 def activation_bytes(shape: ModelShape, micro_batch: int, seq_len: int, gradient_checkpointing: bool,
                      bytes_per_value: int) -> int:
     """Without checkpointing every layer keeps 17·h values per token; with it each layer keeps only
     its input (h values) and one layer at a time is recomputed in full. Plus the logits, in the
     compute dtype and upcast to fp32 for the loss."""
     tokens = micro_batch * seq_len
-    layer = tokens * shape.hidden_size * ACT_VALUES_PER_HIDDEN * bytes_per_value
+    layer = tokens * shape.hidden_size * act_values_per_hidden(shape) * bytes_per_value
     if gradient_checkpointing:
         body = shape.num_layers * tokens * shape.hidden_size * bytes_per_value + layer
     else:
@@ -178,14 +219,15 @@ def _per_gpu(spec: RunSpec, shape: ModelShape, stage: int, offload_optimizer: bo
         gpu, cpu = trainable_states_bytes(shape.num_parameters, shape.largest_layer_parameters, stage,
                                           offload_optimizer, offload_params, gpn, nodes)
         return gpu, cpu, shape.num_parameters
-    trainable = lora_trainable_parameters(shape, spec.peft.r, spec.peft.target_modules)
+    trainable = lora_trainable_parameters(shape, spec.peft.r, spec.peft.target_modules, spec.peft.target_parameters)
     # Adapters are tiny layers: no largest-layer gather buffer of their own.
     gpu, cpu = trainable_states_bytes(trainable, 0, stage, offload_optimizer, offload_params, gpn, nodes)
     fp32 = spec.train.bf16 is False and not spec.train.fp16
     wbytes = 4 if fp32 else 2
     if method == "qlora":
         quantised = sum(i * o for _, i, o in shape.linear_layers)
-        frozen = int(quantised * QLORA_BYTES_PER_PARAM + (shape.num_parameters - quantised) * 2)
+        frozen = int(quantised * QLORA_BYTES_PER_PARAM + (shape.num_parameters - quantised - shape.expert_parameters) * 2)
+        frozen += int(shape.expert_parameters * qlora_expert_bytes(spec, shape, stage == 3))
         if stage == 3:  # sharded QLoRA (4-bit storage in bf16 elements): a shard plus one gathered layer
             frozen = frozen // world + 2 * shape.largest_layer_parameters
     else:
@@ -204,6 +246,25 @@ def unsharded_grad_bytes(spec: RunSpec, trainable: int, accumulation: int, bytes
     return trainable * bytes_per_value
 
 
+def check_model_options(spec: RunSpec, shape: ModelShape) -> None:
+    """An MoE option on a dense model, refused at plan time already (the ranks check it again after
+    loading, with target_parameters, which need every parameter's name: train.moe.prepare)."""
+    from distsft.errors import SpecError
+    if spec.train.router_aux_loss_coef is not None and shape.moe is None:
+        raise SpecError(f"train.router_aux_loss_coef: {spec.model.name_or_path} is not a mixture-of-experts "
+                        "model; remove the option")
+
+
+def qlora_expert_bytes(spec: RunSpec, shape: ModelShape, sharded: bool) -> float:
+    """Bytes per routed-expert weight under QLoRA, as train.moe.prepare leaves them: NF4 unless sharded
+    (bf16: FSDP2 / ZeRO-3 shard what was loaded) or adapted through target_parameters (then PEFT's
+    prepare_model_for_kbit_training upcasts them to fp32)."""
+    if sharded:
+        return 2.0
+    adapted = any(_targeted(name, list(spec.peft.target_parameters)) for name, _ in shape.expert_stacks)
+    return 4.0 if adapted else QLORA_BYTES_PER_PARAM
+
+
 def _gib(n: float) -> float:
     return round(n / GIB, 2)
 
@@ -218,6 +279,7 @@ def estimate(spec: RunSpec, plan: Plan | None = None, *, shape: ModelShape | Non
         shape = model_shape(spec.model.name_or_path, spec.model.trust_remote_code, local_files_only)
         if shape is None:
             return None
+    check_model_options(spec, shape)
     d = spec.distributed
     world = plan.world_size if plan else d.nodes * d.gpus_per_node
     bytes_per_value = 4 if spec.train.bf16 is False and not spec.train.fp16 else 2
@@ -240,6 +302,7 @@ def estimate(spec: RunSpec, plan: Plan | None = None, *, shape: ModelShape | Non
         gpu += unsharded_grad_bytes(spec, trainable, accumulation, bytes_per_value)
     return {
         "num_parameters": shape.num_parameters,
+        "num_active_parameters": shape.num_active_parameters,
         "trainable_parameters": trainable,
         "matmul_parameters": shape.matmul_parameters,
         "model_states_gb": _gib(gpu),

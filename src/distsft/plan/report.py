@@ -40,6 +40,7 @@ class Plan:
     num_parameters: int | None = None
     # plan.estimate: {tokens_per_second_per_gpu, source: measured|assumed, hours, gpu_hours, ...}
     estimate: dict[str, Any] | None = None
+    num_active_parameters: int | None = None  # MoE: dense part + top_k / num_experts of the experts
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:

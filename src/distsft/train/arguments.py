@@ -32,7 +32,7 @@ def sft_config(r: Any) -> Any:
         lr_scheduler_type=t.lr_scheduler_type, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
         max_steps=total, warmup_steps=warmup_steps(total, t.warmup_ratio),
         lr_scheduler_kwargs=scheduler_kwargs(t, total) or {},  # min-LR cosine / WSD need the step count
-        **option_args(spec),
+        **option_args(spec), **loss_args(spec),
         seed=t.seed, data_seed=t.seed, bf16=r.precision == "bf16", fp16=r.precision == "fp16",
         tf32=tf32_arg(cuda and r.cuda, major),  # TF32 for the fp32 matmuls on Ampere+ (issue 19 item 15)
         # FSDP2 full fine-tuning checkpoints with FSDP's own wrapper instead (fsdp.accelerate_fsdp_config).
@@ -57,6 +57,14 @@ def option_args(spec: Any) -> dict[str, Any]:
     return {"optim": t.optim, "adam_beta1": t.adam_beta1, "adam_beta2": t.adam_beta2,
             "adam_epsilon": t.adam_epsilon, "torch_compile": t.torch_compile,
             "use_liger_kernel": spec.model.use_liger_kernel, "run_name": rundir.run_name(spec)}
+
+
+def loss_args(spec: Any) -> dict[str, Any]:
+    """Loss options under TRL's names. The router loss is distsft's own (train.losses.LossComputer, which
+    masks padding and packing correctly), so TRL's is off: its coefficient 0.0 also keeps TRL's fused head
+    from computing the aux loss with the packed 4-D mask, which transformers' function cannot read."""
+    t = spec.train
+    return {"loss_type": t.loss_type, "neftune_noise_alpha": t.neftune_noise_alpha, "router_aux_loss_coef": 0.0}
 
 
 def checkpointing_args(enabled: bool) -> dict[str, Any]:

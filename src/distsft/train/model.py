@@ -64,6 +64,8 @@ def rope_config(spec: RunSpec) -> Any:
 
 def load_model(spec: RunSpec, precision: str, attn: str, device: torch.device, tokenizer: Any = None) -> Any:
     from transformers import AutoModelForCausalLM
+    from distsft.runtime import dist
+    from distsft.train import moe
     # `auto` without flash attention: transformers' own default, sdpa where the architecture has it and
     # eager where not (Gemma-2); the collator then follows what the model got (recipe.build_trainer).
     requested = None if spec.model.attn_implementation == "auto" and attn == "sdpa" else attn
@@ -72,6 +74,10 @@ def load_model(spec: RunSpec, precision: str, attn: str, device: torch.device, t
     sharded = is_sharded(spec)
     if spec.model.rope_parameters:
         kwargs["config"] = rope_config(spec)
+    stored, note = moe.checkpoint_quantization(_config(spec), spec.peft.method)  # gpt-oss MXFP4 experts
+    kwargs.update(stored)
+    if note:
+        dist.print0(f"model: {note}")
     if spec.peft.method == "qlora":
         from transformers import BitsAndBytesConfig
         check_qlora_runs(device)
@@ -84,22 +90,26 @@ def load_model(spec: RunSpec, precision: str, attn: str, device: torch.device, t
         kwargs["dtype"] = torch.bfloat16
         if spec.distributed.backend != "deepspeed" or not sharded:
             kwargs["device_map"] = {"": device}  # ZeRO-3 places (partitions) the weights itself
-    from distsft.runtime import dist
     from distsft.train import rank0_load
     e = dist.env()
     loads = rank0_load.loads_weights(spec.distributed.backend, spec.peft.method, e.world_size, e.rank)
     try:
+        # auto: a model without an sdpa path (gpt-oss) loads with eager (train.moe.load_attention)
         if loads:
-            model = AutoModelForCausalLM.from_pretrained(spec.model.name_or_path, **kwargs)
+            model = moe.load_attention(lambda a: AutoModelForCausalLM.from_pretrained(
+                spec.model.name_or_path, **{**kwargs, "attn_implementation": requested if a == attn else a}),
+                attn, spec.model.attn_implementation)
         else:  # FSDP2: rank 0's values reach this rank's shards when accelerate prepares the model
-            model = rank0_load.empty_model(spec.model.name_or_path, kwargs["dtype"], attn,
-                                           spec.model.trust_remote_code)
+            model = moe.load_attention(lambda a: rank0_load.empty_model(
+                spec.model.name_or_path, kwargs["dtype"], a, spec.model.trust_remote_code), attn,
+                spec.model.attn_implementation)
     except (OSError, ValueError) as exc:
         raise SpecError(f"model.name_or_path: cannot load {spec.model.name_or_path!r}: "
                         f"{str(exc).splitlines()[0]}") from None
     new_ids = _new_token_rows(spec, model, tokenizer)
     if spec.peft.method == "qlora" and sharded:
         _keep_4bit_layout(model)
+    moe.prepare(spec, model, sharded, dist.print0)  # router loss / target_parameters checks, experts
     if spec.peft.method == "none":
         return model
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -110,7 +120,8 @@ def load_model(spec: RunSpec, precision: str, attn: str, device: torch.device, t
             model, use_gradient_checkpointing=spec.train.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(r=spec.peft.r, lora_alpha=spec.peft.lora_alpha, lora_dropout=spec.peft.lora_dropout,
-                      target_modules=spec.peft.target_modules, task_type="CAUSAL_LM", **_lora_options(spec, model, new_ids))
+                      target_modules=moe.lora_targets(model, spec.peft.target_modules),  # MoE: no routers
+                      task_type="CAUSAL_LM", **_lora_options(spec, model, new_ids))
     try:
         model = get_peft_model(model, lora)
     except ValueError as exc:  # e.g. a modules_to_save / exclude_modules name the model does not have
@@ -120,6 +131,15 @@ def load_model(spec: RunSpec, precision: str, attn: str, device: torch.device, t
         from distsft.train.tokens import expose_head_bias
         expose_head_bias(model)
     return model
+
+
+def _config(spec: RunSpec) -> Any:
+    """The model's config, or None when it cannot be read here (from_pretrained then says why)."""
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(spec.model.name_or_path, trust_remote_code=spec.model.trust_remote_code)
+    except (OSError, ValueError):
+        return None
 
 
 def _new_token_rows(spec: RunSpec, model: Any, tokenizer: Any) -> list[int]:
@@ -144,6 +164,8 @@ def _lora_options(spec: RunSpec, model: Any, new_ids: list[int]) -> dict[str, An
         opts["modules_to_save"] = list(p.modules_to_save)
     if p.exclude_modules:
         opts["exclude_modules"] = p.exclude_modules
+    if p.target_parameters:
+        opts["target_parameters"] = list(p.target_parameters)
     tokens = trainable_token_indices(model, new_ids, list(p.modules_to_save))
     if tokens:
         opts["trainable_token_indices"] = tokens

@@ -30,4 +30,7 @@ def check(spec: Any) -> str:
     from distsft.errors import SpecError
     for error in machine_errors(spec, cuda):  # ring attention / activation offloading on CPU
         raise SpecError(error)
+    if spec.train.router_aux_loss_coef is not None or (spec.peft.method != "none" and spec.peft.target_parameters):
+        from distsft.train.moe import preflight as moe_options  # imports torch: only for these options
+        moe_options(spec)  # an MoE option on a dense model, target_parameters that match nothing
     return attn

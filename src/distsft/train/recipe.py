@@ -230,6 +230,8 @@ def build_model(r: Rank) -> None:
     r.model = load_model(r.spec, r.precision, r.attn, r.device, tokenizer=r.tokenizer)
     from distsft.train.stops import carry_turn_end
     r.stop_ids = carry_turn_end(r.model, r.tokenizer, r.spec)  # stop where the template ends turns
+    from distsft.train.moe import attention_of
+    r.attn = attention_of(r.model, r.attn)  # gpt-oss has no sdpa path: auto loads it with eager
     if r.spec.distributed.backend == "fsdp":
         from distsft.train.fsdp import wrap_layers_of
         dist.print0(f"fsdp: one FSDP2 unit per {', '.join(wrap_layers_of(r.args, r.model, r.precision))}")
@@ -275,15 +277,27 @@ def build_trainer(r: Rank) -> None:
     r.ctx.mfu = meter(r.model, e.world_size, r.device, spec.logging.peak_tflops, warn=dist.print0,
                       precision=r.precision)
     r.ctx.window, r.ctx.compiled = StepWindow(r.device), bool(t.torch_compile)
+    from distsft.data.layer_masks import sliding_window_of, with_layer_masks
+    from distsft.data.mixture import train_sources
+    from distsft.data.source_ids import token_sources
+    from distsft.train.losses import LossComputer
     packed, strip = _collator(r)
+    single = r.batch.sequence_parallel_size == 1  # sequence parallelism keeps its own loss (train.seqpar)
+    # Before the trainer: TRL's init rewrites the config's router_aux_loss_coef (arguments.loss_args).
+    r.ctx.losses = LossComputer(r.model, t.loss_type, t.router_aux_loss_coef,
+                                [s.spec.label for s in train_sources(spec)]) if single else None
+    per_token = single and (bool(r.ctx.losses.labels) or r.ctx.losses.moe is not None)
+    sliding = sliding_window_of(r.model.config) if single else None  # packed masks within sliding windows
 
     def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = strip(packed(rows))
+        batch = strip(with_layer_masks(packed(rows), sliding))
         # Host counts for the logging window (step_sync): the trainer never reads them off the device.
         batch["num_real_tokens"] = sum(int(sum(row["seq_lengths"])) for row in rows)
         batch["batch_checksum"] = sum(row_checksum(row["input_ids"]) for row in rows)
         batch["num_rows"] = len(rows)  # rows, not micro-batches: flash attention concatenates them into one
         batch["num_loss_tokens"] = int(np.count_nonzero(batch["labels"].numpy()[..., 1:] != -100))
+        if per_token:  # per-source losses, and the router loss over real tokens
+            batch["source_ids"], batch["token_mask"] = token_sources(rows, tuple(batch["input_ids"].shape))
         return batch
 
     r.diagnostics = Diagnostics(spec, r.total_steps, r.args.warmup_steps, steps_per_epoch=r.steps_per_epoch,

@@ -46,12 +46,17 @@ class RunContext:
     ring: Any = None  # the same under FSDP2's ring attention: a group's ranks load the same rows
     window: Any = None  # step_sync.StepWindow: the logging window (made by the trainer when None)
     compiled: bool = False  # train.torch_compile: the first step's compilation is not throughput
+    losses: Any = None  # train.losses.LossComputer: the training loss (loss_type, router loss, per source)
 
 
 def _peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB → GiB (Linux)
+
+
+# Collated beside the model inputs for the loss only (recipe.build_trainer's collate).
+PER_TOKEN_KEYS = ("source_ids", "token_mask")
 
 
 class _StepLoader(DataLoader):
@@ -67,6 +72,10 @@ class DistSFTTrainer(SFTTrainer):
             self.loss_is_scaled_for_ga = True  # seqpar.scaled_group_loss divides by the whole step's tokens
         if ctx.window is None:
             ctx.window = StepWindow(self.args.device)
+        if ctx.losses is not None and ctx.losses.moe is not None:
+            # TRL's init set the config's coefficient to the 0.0 distsft passes it (arguments.loss_args);
+            # the saved config keeps the model's own.
+            self.model.config.get_text_config().router_aux_loss_coef = ctx.losses.moe.router_aux_loss_coef
 
     # ------------------------------------------------------------------ data
     def get_train_dataloader(self) -> DataLoader:
@@ -83,6 +92,35 @@ class DistSFTTrainer(SFTTrainer):
         return _StepLoader(self.train_dataset, batch_sampler=sampler, collate_fn=self.data_collator,
                            num_workers=0, pin_memory=self.args.device.type == "cuda")
 
+    # ------------------------------------------------------------------ resume
+    def train(self, resume_from_checkpoint: Any = None, **kwargs: Any) -> Any:
+        self._rng_from = resume_from_checkpoint
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        """MoE checkpoints are saved in the per-expert layout HF's resume cannot load (train.moe)."""
+        from distsft.train.moe import reload_checkpoint_weights
+        target = self.model if model is None else model
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled or not reload_checkpoint_weights(target, resume_from_checkpoint):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        """checkpoint.load_best_at_end: the same layout problem as resuming."""
+        from distsft.train.moe import reload_checkpoint_weights
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled or not reload_checkpoint_weights(
+                self.model, self.state.best_model_checkpoint):
+            super()._load_best_model()
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        """On the first step after a resume, the random state of the step the checkpoint was saved at
+        (HF saves it per rank): with ignore_data_skip (distsft's sampler places itself by step) HF
+        would not restore it, and NEFTune's noise and LoRA dropout would differ from the uninterrupted
+        run's."""
+        if getattr(self, "_rng_from", None):
+            self._load_rng_state(self._rng_from)
+            self._rng_from = None
+        return super().training_step(*args, **kwargs)
+
     # ------------------------------------------------------------------ loss bookkeeping
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list[Any], Any]:
         batches, n = super().get_batch_samples(epoch_iterator, num_batches, device)
@@ -97,14 +135,26 @@ class DistSFTTrainer(SFTTrainer):
         counts = {k: inputs.pop(k, 0) for k in ("num_real_tokens", "batch_checksum", "num_rows", "num_loss_tokens")}
         if self.ctx.seqpar is not None and model.training:
             return self._seqpar_loss(model, inputs, num_items_in_batch, counts)
-        out = super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                   num_items_in_batch=num_items_in_batch)
+        micro = None
+        if model.training and self.ctx.losses is not None and not return_outputs:
+            # distsft's loss (train.losses): TRL's per token, plus what TRL does not give back -- the LM
+            # loss apart from the router term, per-source sums, the router loss over real tokens.
+            micro = self.ctx.losses(self, model, inputs, num_items_in_batch)
+            out = micro.loss
+        else:
+            for key in PER_TOKEN_KEYS:
+                inputs.pop(key, None)
+            out = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                       num_items_in_batch=num_items_in_batch)
         if model.training and num_items_in_batch is not None:
             loss = out[0] if return_outputs else out
             # TRL returns sum(token losses) / global tokens × world; undo the scaling to get this
             # micro-batch's own sum of token losses -- on the device, read once per logging step.
             scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
-            self.ctx.window.add(self.state.global_step, loss.detach() * num_items_in_batch / scale,
+            # The LM loss alone (train.losses keeps the router term out of it) when distsft computed it.
+            loss_sum = (torch.tensor(micro.nll_sum, dtype=torch.float64) if micro is not None
+                        else loss.detach() * num_items_in_batch / scale)
+            self.ctx.window.add(self.state.global_step, loss_sum,
                                 counts["num_loss_tokens"], counts["num_real_tokens"], counts["num_rows"],
                                 counts["batch_checksum"])
         return out
@@ -124,9 +174,14 @@ class DistSFTTrainer(SFTTrainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
             # One collective and one read: the window over all ranks, the peak memory and the preemption flag.
+            start = self.ctx.window.start_step
+            steps = max(1, self.state.global_step - (start if start is not None else self.state.global_step))
             window, preempt = self.ctx.window.reduce(self.state.global_step, self.ctx.flag.raised,
                                                      _peak_memory_gb(self.args.device))
             logs.update(window)
+            if self.ctx.losses is not None:  # aux_loss, entropy, accuracy, loss_<label> (train.losses)
+                logs.update(self.ctx.losses.reduce(dist.all_reduce, self.args.device,
+                                                   window["loss_tokens"] * steps, steps))
             if self.ctx.mfu is not None and logs.get("tokens_per_second"):
                 logs["mfu"] = self.ctx.mfu(logs["tokens_per_second"])
             if preempt:
@@ -177,7 +232,7 @@ class DistSFTTrainer(SFTTrainer):
                 # A rank with no rows left still runs a forward on one row (weight 0), so that ZeRO-3's
                 # and FSDP2's collective parameter gathers line up across ranks.
                 batch = self.data_collator([ds[i] for i in (rows or [0])])
-                for key in ("num_real_tokens", "batch_checksum", "num_rows", "num_loss_tokens"):
+                for key in ("num_real_tokens", "batch_checksum", "num_rows", "num_loss_tokens", *PER_TOKEN_KEYS):
                     batch.pop(key, None)
                 labels = batch.pop("labels")
                 token_loss, n_tokens = token_loss_sum(self.model, self._prepare_inputs(batch), labels)
