@@ -190,17 +190,25 @@ def test_packed_examples_stay_isolated(tiny_moe_dirs, family, attn):
     lens = [11, 17, 6]
     exs = [torch.randint(5, 500, (n,), generator=g) for n in lens]
     row = {"input_ids": torch.cat(exs).tolist(), "labels": torch.cat(exs).tolist(), "seq_lengths": lens}
-    batch = PackedCollator(0, attn)([row])
-    batch.pop("labels")
-    batch = with_layer_masks(batch, sliding_window_of(model.config))
-    assert isinstance(batch["attention_mask"], dict) == (family == "gpt_oss")
-    with torch.no_grad():
-        packed = model(**batch).logits[0]
-        start = 0
-        for ex in exs:
-            alone = model(input_ids=ex[None]).logits[0]
-            torch.testing.assert_close(packed[start:start + len(ex)], alone, atol=1e-5, rtol=1e-5)
-            start += len(ex)
+    # Both packed paths: transformers' own per-layer-type masks from the reset position_ids (the default),
+    # and distsft's explicit 4-D mask windowed per layer type (remote-code models, data.layer_masks).
+    from distsft.train.model import derives_packed_masks
+    assert derives_packed_masks(model) == (family != "gpt_oss")
+    for explicit in (False, True):
+        if not explicit and not derives_packed_masks(model):
+            continue  # gpt-oss does not give transformers' mask functions its position_ids: explicit masks
+        batch = PackedCollator(0, attn, explicit_mask=explicit)([row])
+        batch.pop("labels")
+        batch = with_layer_masks(batch, sliding_window_of(model.config))
+        if explicit:
+            assert isinstance(batch["attention_mask"], dict) == (family == "gpt_oss")
+        with torch.no_grad():
+            packed = model(**batch).logits[0]
+            start = 0
+            for ex in exs:
+                alone = model(input_ids=ex[None]).logits[0]
+                torch.testing.assert_close(packed[start:start + len(ex)], alone, atol=1e-5, rtol=1e-5)
+                start += len(ex)
 
 
 def test_mxfp4_checkpoint_is_dequantized_and_trains(tmp_path):
@@ -291,7 +299,7 @@ def test_all_sliding_models_get_one_windowed_mask(tmp_path):
     g = torch.Generator().manual_seed(2)
     exs = [torch.randint(5, 500, (n,), generator=g) for n in (9, 13)]
     row = {"input_ids": torch.cat(exs).tolist(), "labels": torch.cat(exs).tolist(), "seq_lengths": [9, 13]}
-    batch = with_layer_masks(PackedCollator(0, "sdpa")([row]), sliding_window_of(cfg))
+    batch = with_layer_masks(PackedCollator(0, "sdpa", explicit_mask=True)([row]), sliding_window_of(cfg))
     batch.pop("labels")
     assert isinstance(batch["attention_mask"], torch.Tensor)
     with torch.no_grad():

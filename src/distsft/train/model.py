@@ -196,7 +196,21 @@ def save_merged(adapter_dir: str, out_dir: str, dtype: torch.dtype) -> None:
 
 
 def derives_packed_masks(model: Any) -> bool:
-    """transformers' own architectures build their attention masks in masking_utils, which finds packed
-    examples from restarting position ids (data.collate); remote code may not, so it gets explicit masks."""
+    """Whether transformers builds this model's packed masks itself: its masking_utils finds packed
+    examples from restarting position ids (data.collate) -- but only where the architecture passes
+    `position_ids` to the mask functions. Many do (Llama, Mistral, Qwen, Gemma, Mixtral, Qwen-MoE);
+    some do not (gpt-oss, Bloom, ...), and remote code may not: those get explicit masks, or packed
+    examples would silently attend to each other (tests/test_moe.py, tests/test_sliding_window.py)."""
+    import inspect
+    import re
+    import sys
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return type(base).__module__.startswith("transformers.models.")
+    module = type(base).__module__
+    if not module.startswith("transformers.models."):
+        return False
+    try:
+        source = inspect.getsource(sys.modules[module])
+    except (OSError, TypeError, KeyError):
+        return False
+    return bool(re.search(r'"position_ids":\s*position_ids|create_\w*mask\([^)]*position_ids=position_ids',
+                          source, re.S))
