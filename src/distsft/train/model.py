@@ -212,5 +212,5 @@ def derives_packed_masks(model: Any) -> bool:
         source = inspect.getsource(sys.modules[module])
     except (OSError, TypeError, KeyError):
         return False
-    return bool(re.search(r'"position_ids":\s*position_ids|create_\w*mask\([^)]*position_ids=position_ids',
+    return bool(re.search(r'"position_ids":\s*position_ids|\w*mask\w*\((?:[^()]|\([^()]*\))*?position_ids=position_ids',
                           source, re.S))
