@@ -107,7 +107,7 @@ def child_distsft(data: Path, num_proc: int | None, max_length: int) -> dict:
     """One build into a throwaway cache. num_proc None: the old code's DataSpec (it has no such key)."""
     from transformers import AutoTokenizer
     from distsft.data import build as d
-    from distsft.config.spec import DataSpec
+    from distsft.config.sections import DataSpec
     tok = AutoTokenizer.from_pretrained(TINY)
     cache = Path(tempfile.mkdtemp(dir=WORK))
     try:

@@ -62,7 +62,7 @@ def unpack(ds) -> list:
 
 def run_ours(convs: list, max_length: int) -> dict:
     from transformers import AutoTokenizer
-    from distsft.config.spec import DataSpec
+    from distsft.config.sections import DataSpec
     from distsft.data.build import build
     tok = AutoTokenizer.from_pretrained(TINY)
     work = Path(tempfile.mkdtemp())

@@ -18,7 +18,9 @@ from typing import Any
 
 from rich.console import Console
 
-from distsft.config.spec import DataSpec, RunSpec, dump_spec, load_spec
+from distsft.config.spec import RunSpec, dump_spec, load_spec
+
+from distsft.config.sections import DataSpec
 from distsft.runtime.console import literal
 
 STEPS = 15

@@ -9,7 +9,7 @@ from distsft.data import build as data
 import inmemory
 from distsft.data import formats
 from distsft.data import cache as data_cache
-from distsft.config.spec import DataSpec
+from distsft.config.sections import DataSpec
 from distsft.errors import SpecError
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "data"
@@ -288,7 +288,7 @@ def test_missing_files_and_hub_ids(tmp_path, monkeypatch):
 def test_packed_rows_carry_each_examples_source(tiny_tokenizer, tmp_path):
     """Rows mix sources; `source_ids` (parallel to seq_lengths) names each example's data.sources index,
     so per-source losses survive packing: each source's example count comes out exactly."""
-    from distsft.config.spec import DataSpec, SourceSpec
+    from distsft.config.sections import DataSpec, SourceSpec
     chat, instr = EXAMPLES / "train.jsonl", EXAMPLES / "instruct.jsonl"
     spec = DataSpec(sources=[SourceSpec(path=str(chat), count=200, label="chat"),
                              SourceSpec(path=str(instr), format="instruction", label="instr")], max_length=256)

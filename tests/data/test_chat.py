@@ -7,7 +7,7 @@ import json
 import pytest
 
 from distsft.data.examples import REASONING_HISTORY, Encoder
-from distsft.config.spec import DataSpec
+from distsft.config.sections import DataSpec
 from distsft.errors import SpecError
 
 from real_templates import REASONING, TOOLS, a, template_path, tokenizer, u

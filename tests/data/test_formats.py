@@ -8,7 +8,7 @@ import pytest
 
 from distsft.data import build as data
 from distsft.data.examples import Encoder
-from distsft.config.spec import DataSpec
+from distsft.config.sections import DataSpec
 from distsft.errors import SpecError
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"},

@@ -20,7 +20,7 @@ import trl
 
 from distsft.data.encode import label_mask
 from distsft.data.examples import Encoder
-from distsft.config.spec import DataSpec
+from distsft.config.sections import DataSpec
 from distsft.errors import SpecError
 
 from real_templates import CONVERSATIONS, REASONING, TEMPLATES, TOOLS, cases, record, template_path, tokenizer

@@ -22,7 +22,7 @@ import pytest
 from distsft.data.encode import label_mask
 from distsft.data.examples import Encoder
 from distsft.errors import SpecError
-from distsft.config.spec import DataSpec
+from distsft.config.sections import DataSpec
 
 from unseen_templates import (ACCEPTED, ADVERSARIAL_TEMPLATES, ALL_CONVERSATIONS, REAL_FAMILIES, REFUSED, cases,
                               template_path, tokenizer)

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from distsft.config.spec import DataSpec
+from distsft.config.sections import DataSpec
 from distsft.data.turn_end import turn_end
 from distsft.train.stops import turn_end_token, turn_end_warning
 from distsft.data.turns import TemplateMismatch

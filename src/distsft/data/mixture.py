@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from distsft.config.spec import SourceSpec
+from distsft.config.sections import SourceSpec
 from distsft.errors import SpecError
 
 VAL_LABEL = "val"
