@@ -109,7 +109,7 @@ def _reloaded_eval_loss(out, base):
         batch = collate([ds[i] for i in range(start, min(start + 4, len(ds)))])
         labels = batch.pop("labels")[..., 1:]
         with torch.no_grad():
-            logits = model(**batch, use_cache=False).logits.float()
+            logits = model(**{**batch, "use_cache": False}).logits.float()
         total += float(torch.nn.functional.cross_entropy(logits[..., :-1, :].reshape(-1, logits.shape[-1]),
                                                          labels.reshape(-1), ignore_index=-100, reduction="sum"))
         count += int((labels != -100).sum())
