@@ -7,6 +7,7 @@ rank's prompts all reach EOS first: without synced_gpus rank 1 waits in an all-g
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 
@@ -38,8 +39,11 @@ tdist.destroy_process_group()
 def test_generation_under_fsdp2_keeps_ranks_in_step(tmp_path):
     script = tmp_path / "gen.py"
     script.write_text(SCRIPT)
+    with socket.socket() as sock:  # a free port: a fixed one collides with whatever else runs here
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        "29671", str(script), str(h.TINY)], capture_output=True, text=True, env=h.env(), timeout=240)
+                        str(port), str(script), str(h.TINY)], capture_output=True, text=True, env=h.env(), timeout=240)
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
     results = sorted((json.loads(line.split("RESULT ", 1)[1]) for line in p.stdout.splitlines() if "RESULT " in line),
                      key=lambda r: r["rank"])
