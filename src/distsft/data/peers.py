@@ -121,11 +121,7 @@ class ChatMapping:
     required: tuple[str, ...] = ()            # columns the description names: every row must have them
 
     def convert(self, rec: Any, where: str, warnings: set[str] | None = None) -> dict:
-        if not isinstance(rec, dict):
-            raise SpecError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-        _warn_unused(self, rec, warnings)
-        refuse_multimodal(rec, where)
-        _require(self, rec, where)
+        _check_row(self, rec, where, warnings)
         if self.messages not in rec:
             raise SpecError(f"{where}: missing column {self.messages!r} ({self.origin}); keys are {sorted(rec)}")
         turns = rec[self.messages]
@@ -188,11 +184,7 @@ class AlpacaMapping:
     required: tuple[str, ...] = ()
 
     def convert(self, rec: Any, where: str, warnings: set[str] | None = None) -> dict:
-        if not isinstance(rec, dict):
-            raise SpecError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-        _warn_unused(self, rec, warnings)
-        refuse_multimodal(rec, where)
-        _require(self, rec, where)
+        _check_row(self, rec, where, warnings)
         for col in (self.prompt, self.response):
             if col not in rec:
                 raise SpecError(f"{where}: missing column {col!r} ({self.origin}); keys are {sorted(rec)}")
@@ -235,6 +227,16 @@ def _record(rec: dict, msgs: list[dict], tools_col: str | None, where: str) -> d
     if rec.get("chat_template_kwargs") is not None:
         out["chat_template_kwargs"] = rec["chat_template_kwargs"]
     return out
+
+
+def _check_row(desc: Any, rec: Any, where: str, warnings: set[str] | None) -> None:
+    """What every described row must be, whatever its shape: an object, with the described columns, no
+    multimodal parts; the columns it has but the description leaves out are warned about once."""
+    if not isinstance(rec, dict):
+        raise SpecError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    _warn_unused(desc, rec, warnings)
+    refuse_multimodal(rec, where)
+    _require(desc, rec, where)
 
 
 def _require(mapping: Any, rec: dict, where: str) -> None:
