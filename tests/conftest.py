@@ -22,18 +22,19 @@ def tiny_tokenizer():
 
 
 @pytest.fixture(autouse=True)
-def _hub_access_restored():
-    """`distsft plan` turns hub access off for its own process (runtime.offline); tests that call the
-    CLI in-process must not leave it off for the next test (the hub push test talks to a local stand-in)."""
+def _environment_restored():
+    """Every test leaves os.environ as it found it. Code under test sets variables for its own process on
+    purpose (`distsft plan` turns hub access off, a rank's device setup sets ACCELERATE_USE_CPU), and a
+    leaked one changes what later tests' subprocesses do (ACCELERATE_USE_CPU=true turned every later
+    DeepSpeed launch into plain DDP). Session fixtures (the SLURM cluster's SLURM_CONF) are set up before
+    this snapshot, so they stay."""
     import os
     import sys
-    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    saved = dict(os.environ)
     yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    if dict(os.environ) != saved:
+        os.environ.clear()
+        os.environ.update(saved)
     hub = sys.modules.get("huggingface_hub.constants")
     if hub is not None:  # the module read the variable when it was imported: tell it too
         hub.HF_HUB_OFFLINE = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
