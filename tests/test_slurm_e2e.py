@@ -233,7 +233,7 @@ def test_bad_data_on_the_nodes_is_reported_within_a_minute(slurm_cluster: SlurmC
     assert time.monotonic() - t0 < 60, p.stdout[-2000:]
     assert p.returncode == 2, p.stdout[-3000:] + p.stderr[-3000:]
     assert "ended FAILED" in p.stderr
-    assert f"[rank 0] error: {bad}:21: not valid JSON" in p.stderr
+    assert f"[rank 0] error: data.train_files[0]: {bad}:21: not valid JSON" in p.stderr, p.stderr
 
 
 def test_a_rank_killed_ends_the_job_within_a_minute(slurm_cluster: SlurmCluster, cache_dir: Path,

@@ -116,7 +116,8 @@ def encode_chunk(task: tuple[int, Chunk, dict[str, str], str, np.ndarray | None]
     except SpecError as exc:  # the row's error names file:line; say which source of the mixture too
         if str(exc).startswith(name):
             raise
-        raise SpecError(f"{name}: {exc}") from None
+        key, _, path = name.partition(" (")  # "data.sources[1] (path)": the path only where exc lacks it
+        raise SpecError(f"{key if path[:-1] and path[:-1] in str(exc) else name}: {exc}") from None
     tok, stats = apply_overlong(enc.input_ids, enc.labels.copy(), enc.lengths, spec, enc.wheres)
     stats["template_drops"] = enc.template_drops
     return (tok["input_ids"].astype(np.int32, copy=False), tok["labels"].astype(np.int32, copy=False),
