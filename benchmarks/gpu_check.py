@@ -14,6 +14,8 @@
   qlora       `distsft run` with peft.method=qlora (bitsandbytes 4-bit)
   kernels     `distsft run` with train.torch_compile, and Liger when liger-kernel imports
   fsdp2       `distsft run` with distributed.backend=fsdp at world size 1, with eval and generation (item 7)
+  autobatch   `distsft run` with per_device_train_batch_size: auto: the probe's forward/backward on the
+              longest row confirms the estimate, auto_batch.json records it, a rerun reads it (issue 23)
   throughput  a ~1.1B Llama, 4096-token packed rows: distsft vs the plain TRL script on the same GPU,
               real tokens/s and MFU side by side
 
@@ -242,6 +244,18 @@ def check_fsdp2(a: argparse.Namespace) -> str:
     return f"eval_loss {[round(m['eval_loss'], 4) for m in metrics if 'eval_loss' in m]}, {len(gens)} generation records"
 
 
+def check_autobatch(a: argparse.Namespace) -> str:
+    import json
+    metrics = _distsft_run(a, "autobatch", {"train": {"per_device_train_batch_size": "auto"}}, steps=4, eval_steps=None)
+    rec = json.loads((a.work / "autobatch" / "auto_batch.json").read_text())
+    micro = rec["per_device_train_batch_size"]
+    if not (1 <= micro <= 8 and 8 % micro == 0 and rec["global_batch_size"] == 8):
+        raise AssertionError(f"auto_batch.json does not keep the global batch of 8: {rec}")
+    if any(m["samples"] != 8 for m in metrics if "loss" in m):
+        raise AssertionError("the global batch changed under auto")
+    return f"probe settled on {micro} (estimate {rec['estimated']}), 8 rows per step kept"
+
+
 def check_throughput(a: argparse.Namespace) -> str:
     import torch
     import common as C
@@ -287,6 +301,7 @@ CHECKS: dict[str, tuple[str, Callable[[argparse.Namespace], str]]] = {
     "qlora": ("distsft run: QLoRA", check_qlora),
     "kernels": ("distsft run: torch.compile, Liger", check_kernels),
     "fsdp2": ("distsft run: FSDP2, world size 1", check_fsdp2),
+    "autobatch": ("distsft run: per_device_train_batch_size auto, GPU probe", check_autobatch),
     "throughput": ("~1B Llama, 4k packed: distsft vs plain TRL", check_throughput),
 }
 

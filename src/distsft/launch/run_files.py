@@ -162,6 +162,14 @@ def write_run_dir(spec: RunSpec, out_dir: str | Path, *, cuda: bool, bf16_suppor
     paths = {"run": out / rundir.RUN_YAML, "accelerate": out / rundir.ACCELERATE_YAML}
     # The global batch, not the accumulation, is recorded so a resume on another GPU count keeps it.
     dump_spec(pin_global_batch(spec), paths["run"])
+    if spec.train.per_device_train_batch_size == "auto" and out == Path(spec.output_dir).resolve():
+        # run.yaml holds the number; the record tells the ranks it is an estimate to confirm on the GPU
+        # (`render --out` elsewhere writes nothing into the output directory).
+        from distsft.plan import fit
+        world = spec.distributed.nodes * spec.distributed.gpus_per_node
+        if fit.probed_micro(spec, world) is None:
+            m = batch.per_device_train_batch_size
+            fit.record_auto(spec, world, m, m, probed=False)
     # Where the trained chat template comes from (it is saved as chat_template.jinja with the model).
     from distsft.config.templates import describe
     note = describe(spec.data.chat_template, spec.model.name_or_path).replace("\n", " ")

@@ -198,21 +198,65 @@ def memory_budget(spec: Any) -> tuple[float, str]:
     return hardware.host_memory_gb() / max(1, d.gpus_per_node), "this machine's RAM shared by the CPU processes"
 
 
-def _probed(spec: Any, global_batch: int, dp: int) -> int | None:
-    """The micro-batch a GPU probe settled on in this output directory (train.autobatch), so that a
-    resume uses the same."""
-    import json
+def _probe_record(spec: Any) -> Any:
     from pathlib import Path
 
     from distsft import rundir
-    p = Path(spec.output_dir) / rundir.AUTO_BATCH
+    return Path(spec.output_dir) / rundir.AUTO_BATCH
+
+
+def sized(spec: Any, world: int) -> Any:
+    """The spec as if it ran on `world` processes (plan and the ranks may see other counts than the spec's)."""
+    d = spec.distributed
+    n = max(1, d.nodes)
+    layout = {"gpus_per_node": world // n} if world % n == 0 else {"nodes": 1, "gpus_per_node": world}
+    return spec.model_copy(update={"distributed": d.model_copy(update=layout)})
+
+
+def _record(spec: Any, world: int) -> dict[str, Any] | None:
+    """This output directory's auto_batch.json when it applies to this global batch and data-parallel
+    width (a resume on another GPU count re-derives the micro-batch)."""
+    import json
     try:
-        rec = json.loads(p.read_text())
+        rec = json.loads(_probe_record(spec).read_text())
     except (OSError, ValueError):
         return None
-    if rec.get("global_batch_size") == global_batch and rec.get("dp_world") == dp:
-        return int(rec["per_device_train_batch_size"])
+    if (rec.get("global_batch_size") == spec.train.global_batch_size
+            and rec.get("dp_world") == dp_world(sized(spec, world))):
+        return rec
     return None
+
+
+def probed_micro(spec: Any, world: int) -> int | None:
+    """The micro-batch a GPU probe settled on in this output directory (train.autobatch), so that a
+    resume uses the same; None when no probe has run for this layout."""
+    rec = _record(spec, world)
+    return int(rec["per_device_train_batch_size"]) if rec and rec.get("probed", True) else None
+
+
+def auto_requested(spec: Any, world: int) -> bool:
+    """Whether the micro-batch is `auto`: said by the spec, or (run.yaml holds the number the launcher
+    resolved) by the launcher's record of its estimate."""
+    return spec.train.per_device_train_batch_size == "auto" or _record(spec, world) is not None
+
+
+def record_auto(spec: Any, world: int, micro: int, estimated: int, probed: bool) -> None:
+    """The one writer of rundir.AUTO_BATCH (written whole, then renamed): the launcher records its
+    estimate (probed false) so the ranks know to probe; rank 0 records what the probe settled on."""
+    import json
+    import os
+    path = _probe_record(spec)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"per_device_train_batch_size": micro, "estimated": estimated, "probed": probed,
+                               "global_batch_size": spec.train.global_batch_size,
+                               "dp_world": dp_world(sized(spec, world))}) + "\n")
+    os.replace(tmp, path)
+
+
+def forget_resolved() -> None:
+    """Drop what auto_micro remembered, so the next call reads the probe's record."""
+    _RESOLVED.clear()
 
 
 _RESOLVED: dict[str, int] = {}
@@ -227,11 +271,7 @@ def auto_micro(spec: Any, world: int) -> int:
     if key in _RESOLVED:
         return _RESOLVED[key]
     g = spec.train.global_batch_size
-    d = spec.distributed
-    sized = spec.model_copy(update={"distributed": d.model_copy(update={"gpus_per_node": world // max(1, d.nodes)})
-                                    if world % max(1, d.nodes) == 0 else d.model_copy(update={"nodes": 1, "gpus_per_node": world})})
-    dp = dp_world(sized)
-    probed = _probed(spec, g, dp)
+    probed = probed_micro(spec, world)
     if probed:
         _RESOLVED[key] = probed
         return probed
@@ -241,5 +281,5 @@ def auto_micro(spec: Any, world: int) -> int:
                         f"{spec.model.name_or_path!r} has none readable here (not local, not cached, not bundled); "
                         "set a number")
     gb, _ = memory_budget(spec)
-    _RESOLVED[key] = resolve_micro(sized, shape, gb, g).micro
+    _RESOLVED[key] = resolve_micro(sized(spec, world), shape, gb, g).micro
     return _RESOLVED[key]

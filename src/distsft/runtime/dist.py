@@ -189,7 +189,7 @@ def all_reduce(values: list[float], op: str = "sum", device: Any = None) -> list
     import torch
     import torch.distributed as tdist
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    tdist.all_reduce(t, op={"sum": tdist.ReduceOp.SUM, "max": tdist.ReduceOp.MAX}[op])
+    tdist.all_reduce(t, op={"sum": tdist.ReduceOp.SUM, "max": tdist.ReduceOp.MAX, "min": tdist.ReduceOp.MIN}[op])
     return t.tolist()
 
 

@@ -5,7 +5,8 @@ The estimate leaves out the CUDA context, allocator fragmentation and kernels' w
 measures the real thing once. Halving keeps the global batch exact: the next micro-batch is the largest
 candidate (a divisor of global batch / data-parallel GPUs) at most half the one that failed, so
 gradient accumulation is re-derived as an integer. Every rank probes and all take the smallest result
-(ranks may hold different shards), and rank 0 records it in run.yaml so that a resume uses the same.
+(ranks may hold different shards), and rank 0 records it in auto_batch.json (plan.fit), which the
+launcher pins into run.yaml on a resume and the ranks prefer to run.yaml's estimate on a requeue.
 
 On CPU there is nothing to probe (host memory pages out rather than failing): the estimate stands.
 HF's `auto_find_batch_size` is not used: it changes the global batch and is refused under DeepSpeed and
@@ -18,11 +19,23 @@ from typing import Any, Callable
 
 from distsft.errors import SpecError
 
+# Bytes per trainable parameter that one forward/backward on the bare model does not allocate but the
+# first optimizer step does: AdamW's two fp32 states (8; 2 for 8-bit optimizers), and DDP's gradient
+# buckets (a second copy of the fp32 gradients, 4).
+OPTIMIZER_BYTES = {"8bit": 2, "default": 8}
+DDP_BUCKET_BYTES = 4
+
+
+class OverBudget(Exception):
+    """The probe step ran, but its peak plus what the optimizer step will add exceeds the usable GPU
+    memory: as good as out of memory one step later."""
+
 
 def is_oom(exc: BaseException) -> bool:
     """CUDA's out-of-memory, as torch raises it (and as some kernels re-raise it as RuntimeError)."""
     import torch
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+    return (isinstance(exc, (torch.OutOfMemoryError, OverBudget))
+            or "out of memory" in str(exc).lower())
 
 
 def probe(step: Callable[[int], None], micro: int, candidates: list[int],
@@ -88,3 +101,67 @@ def release() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def not_probed(spec: Any, cuda: bool, sequence_parallel_size: int) -> str | None:
+    """Why the probe does not run for this `auto` spec on this rank (None: it runs)."""
+    if not cuda:
+        return "no GPU to probe; host memory pages out instead of failing: the estimate stands"
+    if spec.distributed.backend != "ddp" or sequence_parallel_size > 1:
+        # The bare model before the trainer wraps it is whole on every GPU; under ZeRO/FSDP2 or sequence
+        # parallelism the training step is sharded, so the bare model's peak would not be the step's.
+        return (f"the probe runs where every GPU holds the whole model (backend ddp); under "
+                f"{spec.distributed.backend} the estimate (with its margin) stands")
+    return None
+
+
+def optimizer_extra_bytes(model: Any, optim: str) -> int:
+    """What the first optimizer step and DDP add to a bare forward/backward's peak."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    per = OPTIMIZER_BYTES["8bit" if "8bit" in optim else "default"] + DDP_BUCKET_BYTES
+    return trainable * per
+
+
+def within(step: Callable[[int], None], budget_bytes: float, extra_bytes: int,
+           peaks: dict[int, float]) -> Callable[[int], None]:
+    """`step` that measures its CUDA peak (kept in `peaks`, GiB) and raises OverBudget when the peak plus
+    `extra_bytes` exceeds `budget_bytes`."""
+    import torch
+
+    def checked(micro: int) -> None:
+        torch.cuda.reset_peak_memory_stats()
+        step(micro)
+        peak = torch.cuda.max_memory_allocated()
+        peaks[micro] = peak / 2**30
+        if peak + extra_bytes > budget_bytes:
+            raise OverBudget(f"micro-batch {micro}: peak {peak / 2**30:.1f} GiB + optimizer "
+                             f"{extra_bytes / 2**30:.1f} GiB over {budget_bytes / 2**30:.1f} GiB")
+    return checked
+
+
+def confirm(spec: Any, model: Any, dataset: Any, collate: Callable[[list[dict[str, Any]]], dict[str, Any]],
+            device: Any, estimated: int, candidates: list[int],
+            step_for: Callable[..., Callable[[int], None]] | None = None) -> tuple[int, str]:
+    """(micro-batch, the line that says how it was settled) for this rank: the estimate's `estimated`
+    confirmed on the longest row, or the largest candidate below it that runs. `step_for` builds the
+    probe's step (forward_backward within the usable memory on a GPU; tests pass a stand-in that
+    enforces the same contract: OverBudget or torch.OutOfMemoryError above a size)."""
+    row = longest_row(dataset)
+    if step_for is None:
+        import torch
+        from distsft.plan.fit import usable_gb
+        total = torch.cuda.get_device_properties(device).total_memory
+        budget = usable_gb(total / 2**30) * 2**30
+        extra = optimizer_extra_bytes(model, spec.train.optim)
+        peaks: dict[int, float] = {}
+        step = within(forward_backward(model, collate, row, device), budget, extra, peaks)
+    else:
+        step, peaks = step_for(model, collate, row, device), {}
+    if getattr(getattr(model, "config", None), "use_cache", False):
+        model.config.use_cache = False  # training never uses it; the probe must not allocate it
+    micro = probe(step, estimated, [m for m in candidates if m <= estimated], on_oom=release)
+    release()
+    peak = f", peak {peaks[micro]:.1f} GiB before the optimizer's states" if micro in peaks else ""
+    what = "confirmed" if micro == estimated else f"lowered from the estimate's {estimated}"
+    return micro, (f"per_device_train_batch_size auto: {micro} {what} by one forward/backward on the longest "
+                   f"row ({len(row['input_ids'])} tokens){peak}")

@@ -1,7 +1,7 @@
 """What every rank runs: resolved run.yaml → data, model, TRL SFTTrainer → outputs, as named phases.
 
     machine_and_options → claim_output_dir → resume_decision → load_data → training_arguments
-        → build_model → build_trainer → trainer.train() → finish
+        → build_model → confirm_micro_batch → build_trainer → trainer.train() → finish
 
 Each phase is a function of what the earlier ones built (kept on one `Rank`, torchtitan-style), and
 its docstring says why it comes where it does. Only `finish` writes outputs; only rank 0 logs (the
@@ -113,6 +113,7 @@ def train(spec: RunSpec, flag: PreemptionFlag) -> int:
         load_data(r)
         training_arguments(r)
         build_model(r)
+        confirm_micro_batch(r)
         build_trainer(r)
         r.started = time.time()
         r.trainer.train(resume_from_checkpoint=str(r.resume) if r.resume else None)
@@ -235,6 +236,51 @@ def build_model(r: Rank) -> None:
     if r.spec.distributed.backend == "fsdp":
         from distsft.train.fsdp import wrap_layers_of
         dist.print0(f"fsdp: one FSDP2 unit per {', '.join(wrap_layers_of(r.args, r.model, r.precision))}")
+
+
+def confirm_micro_batch(r: Rank) -> None:
+    """After the model (the probe runs it) and before the trainer (which takes the micro-batch):
+    `per_device_train_batch_size: auto` on a GPU is confirmed by one forward/backward on the longest
+    row, halved on out-of-memory (train.autobatch). Every rank probes, all take the smallest, rank 0
+    records it (auto_batch.json: a resume or requeue uses the same) and the arguments are rebuilt with
+    the re-derived accumulation: the global batch is what the user asked."""
+    from distsft.plan import fit
+    from distsft.train import autobatch
+    spec, e = r.spec, dist.env()
+    if not fit.auto_requested(spec, e.world_size):
+        return
+    estimated = r.batch.per_device_train_batch_size
+    probed = fit.probed_micro(spec, e.world_size)
+    why = autobatch.not_probed(spec, r.cuda, r.batch.sequence_parallel_size)
+    if probed is not None or why is not None:
+        micro = probed or estimated
+        dist.print0(f"per_device_train_batch_size auto: {micro} "
+                    f"({'settled by the probe of an earlier attempt (auto_batch.json)' if probed else why})")
+        _adopt_micro(r, micro)
+        return
+    if spec.train.gradient_checkpointing:  # as training will run it (the trainer enables it again)
+        r.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    packed, _ = _collator(r)
+    micro, line = autobatch.confirm(spec, r.model, r.train_ds, packed, r.device, estimated,
+                                    fit.micro_candidates(r.batch.global_batch_size, r.batch.data_parallel_size))
+    micro = int(dist.all_reduce([float(micro)], op="min", device=r.device)[0])  # the tightest rank decides
+    if e.is_main:
+        fit.record_auto(spec, e.world_size, micro, estimated, probed=True)
+    dist.barrier()
+    fit.forget_resolved()
+    dist.print0(line + (f"; {micro} on every rank" if micro != estimated else ""))
+    _adopt_micro(r, micro)
+
+
+def _adopt_micro(r: Rank, micro: int) -> None:
+    """Train at `micro`: the batch arithmetic re-derived for the same global batch, the arguments rebuilt."""
+    if micro == r.batch.per_device_train_batch_size:
+        return
+    from distsft.plan.batch import resolve_batch
+    from distsft.train.arguments import sft_config
+    b = r.batch
+    r.batch = resolve_batch(micro, b.world_size, None, b.global_batch_size, b.sequence_parallel_size)
+    r.args = sft_config(r)
 
 
 def build_trainer(r: Rank) -> None:
