@@ -75,16 +75,22 @@ def longest_row(dataset: Any) -> dict[str, Any]:
 
 
 def forward_backward(model: Any, collate: Callable[[list[dict[str, Any]]], dict[str, Any]], row: dict[str, Any],
-                     device: Any) -> Callable[[int], None]:
-    """A step function for `probe`: `micro` copies of `row`, one forward and backward, then the
-    gradients and cached blocks are released so training starts from a clean allocator."""
+                     device: Any, precision: str = "bf16") -> Callable[[int], None]:
+    """A step function for `probe`: `micro` copies of `row`, one forward and backward under the run's
+    autocast (none in fp32), then the gradients and cached blocks are released so training starts from
+    a clean allocator."""
+    import contextlib
+
     import torch
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
     def step(micro: int) -> None:
         batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in collate([row] * micro).items()}
         batch = {k: v for k, v in batch.items() if k in ("input_ids", "labels", "position_ids", "attention_mask")}
         try:
-            with torch.autocast(device_type=getattr(device, "type", str(device)), dtype=torch.bfloat16):
+            cast = (torch.autocast(device_type=getattr(device, "type", str(device)), dtype=dtype) if dtype
+                    else contextlib.nullcontext())
+            with cast:
                 out = model(**batch)
             out.loss.backward()
         finally:
@@ -140,7 +146,7 @@ def within(step: Callable[[int], None], budget_bytes: float, extra_bytes: int,
 
 
 def confirm(spec: Any, model: Any, dataset: Any, collate: Callable[[list[dict[str, Any]]], dict[str, Any]],
-            device: Any, estimated: int, candidates: list[int],
+            device: Any, estimated: int, candidates: list[int], precision: str = "bf16",
             step_for: Callable[..., Callable[[int], None]] | None = None) -> tuple[int, str]:
     """(micro-batch, the line that says how it was settled) for this rank: the estimate's `estimated`
     confirmed on the longest row, or the largest candidate below it that runs. `step_for` builds the
@@ -154,7 +160,7 @@ def confirm(spec: Any, model: Any, dataset: Any, collate: Callable[[list[dict[st
         budget = usable_gb(total / 2**30) * 2**30
         extra = optimizer_extra_bytes(model, spec.train.optim)
         peaks: dict[int, float] = {}
-        step = within(forward_backward(model, collate, row, device), budget, extra, peaks)
+        step = within(forward_backward(model, collate, row, device, precision), budget, extra, peaks)
     else:
         step, peaks = step_for(model, collate, row, device), {}
     if getattr(getattr(model, "config", None), "use_cache", False):

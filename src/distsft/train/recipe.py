@@ -262,7 +262,8 @@ def confirm_micro_batch(r: Rank) -> None:
         r.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     packed, _ = _collator(r)
     micro, line = autobatch.confirm(spec, r.model, r.train_ds, packed, r.device, estimated,
-                                    fit.micro_candidates(r.batch.global_batch_size, r.batch.data_parallel_size))
+                                    fit.micro_candidates(r.batch.global_batch_size, r.batch.data_parallel_size),
+                                    precision=r.precision)
     micro = int(dist.all_reduce([float(micro)], op="min", device=r.device)[0])  # the tightest rank decides
     if e.is_main:
         fit.record_auto(spec, e.world_size, micro, estimated, probed=True)
