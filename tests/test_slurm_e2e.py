@@ -228,12 +228,25 @@ def test_bad_data_on_the_nodes_is_reported_within_a_minute(slurm_cluster: SlurmC
     t0 = time.monotonic()
     # --no-prepare: the submit command does not read the data; the ranks do, on the nodes (without it,
     # submit fails on this host with exit 2 before queuing: tests/test_prepare_slurm_e2e.py).
+    # eval.after_training too: its afterok job is queued with the training job and never runs after a failure.
     p = distsft("submit", spec, "--nodes", 2, "--gpus", 1, "--wait", "--no-prepare", f"data.train_files={bad}",
-                env=submit_env(cache_dir), timeout=120)
+                "eval.tasks=[tiny_arith]", f"eval.include_path={h.ROOT / 'examples' / 'eval_tasks'}",
+                "eval.after_training=true", env=submit_env(cache_dir), timeout=120)
     assert time.monotonic() - t0 < 60, p.stdout[-2000:]
     assert p.returncode == 2, p.stdout[-3000:] + p.stderr[-3000:]
     assert "ended FAILED" in p.stderr
     assert f"[rank 0] error: data.train_files[0]: {bad}:21: not valid JSON" in p.stderr, p.stderr
+    eval_job = re.search(r"eval job (\d+): lm-eval on the final model after job (\d+) succeeds", p.stdout)
+    assert eval_job, p.stdout[-2000:]
+    state = ""
+    for _ in range(30):  # kill-on-invalid-dep: SLURM cancels it once the training job has failed
+        state = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "State", "-j", eval_job.group(1)],
+                               capture_output=True, text=True, env=submit_env(cache_dir)).stdout.strip()
+        if state and state not in ("PENDING",):
+            break
+        time.sleep(1)
+    assert state.startswith("CANCELLED"), state
+    assert not (tmp_path / "run" / "eval").exists()
 
 
 def test_a_rank_killed_ends_the_job_within_a_minute(slurm_cluster: SlurmCluster, cache_dir: Path,

@@ -335,7 +335,7 @@ def submit(spec_path: str, overrides: list[str], nodes: int | None, gpus: int | 
         shutil.rmtree(folder.parent, ignore_errors=True)
         raise SpecError(f"sbatch refused the job: {_sbatch_message(exc)}") from None
     if spec.eval.after_training:  # a separate one-node job after this one (launch/after.py says why)
-        submit_eval_job(spec, out, folder.parent / "eval-%j", gpus_on_nodes, job.job_id)
+        submit_eval_job(spec, out, folder.parent / "eval-%j", gpus, job.job_id)
     log = Path(str(job.paths.stdout).replace("%t", "0"))
     print(f"submitted job {job.job_id}: {plan.nodes} node(s) × {plan.gpus_per_node} = {plan.world_size} ranks, "
           f"global batch {plan.global_batch_size}")
