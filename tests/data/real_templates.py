@@ -39,10 +39,9 @@ FAMILIES = {
 TEMPLATES = sorted(FAMILIES)
 
 
-@lru_cache(maxsize=None)
-def _tokenizer(name: str):
+def family_tokenizer(pkg: str, special: dict, extra: list, name: str):
+    """The npm tokenizer `pkg` with a template's special tokens (FAMILIES' rows, and unseen_templates')."""
     from transformers import PreTrainedTokenizerFast
-    pkg, special, extra = FAMILIES[name]
     d = TOKENIZERS / pkg
     if not (d / "tokenizer.json").is_file():
         msg = f"tokenizer {pkg} missing in {TOKENIZERS}: run `make test-assets`"
@@ -56,6 +55,11 @@ def _tokenizer(name: str):
     if extra:
         tok.add_special_tokens({"additional_special_tokens": extra})
     return tok
+
+
+@lru_cache(maxsize=None)
+def _tokenizer(name: str):
+    return family_tokenizer(*FAMILIES[name], name)
 
 
 def tokenizer(name: str):

@@ -14,53 +14,23 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
-import numpy as np
 import pytest
 import trl
 
-from distsft.data.encode import label_mask
-from distsft.data.examples import Encoder
 from distsft.config.sections import DataSpec
+from distsft.data.examples import Encoder
 from distsft.errors import SpecError
 
+import mask_harness
 from real_templates import CONVERSATIONS, REASONING, TEMPLATES, TOOLS, cases, record, template_path, tokenizer
 
 
 def reference(name: str, rec: dict) -> tuple[list[int], list[int]] | None:
-    """transformers' ids and assistant mask with the marked template; None if the template refuses."""
-    tok = tokenizer(name)
-    msgs = [{k: v for k, v in m.items() if k != "loss"} for m in rec["messages"]]
-    try:
-        out = tok.apply_chat_template(msgs, chat_template=template_path(name, marked=True).read_text(),
-                                      tools=rec.get("tools"), tokenize=True, return_dict=True,
-                                      return_assistant_tokens_mask=True, **rec.get("chat_template_kwargs", {}))
-    except Exception as exc:  # e.g. Gemma: "System role not supported"
-        if "TemplateError" in type(exc).__name__:
-            return None
-        raise
-    return list(out["input_ids"]), list(out["assistant_masks"])
+    return mask_harness.reference(tokenizer(name), template_path(name, marked=True), rec)
 
 
 def ours(name: str, rec: dict, marked: bool, method: str = "auto") -> tuple[list[int], list[int]]:
-    """distsft's ids and mask (through the per-chunk Encoder, or with spans located by `method`)."""
-    tok = tokenizer(name)
-    enc = Encoder(tok, DataSpec(train_files=["x.jsonl"], chat_template=str(template_path(name, marked))))
-    if method == "auto":
-        out = enc([("x.jsonl:1", rec)])
-        ids, labels = out.input_ids.tolist(), out.labels.tolist()
-        text = enc.render("x.jsonl:1", rec)[0].text
-    else:
-        (r,) = enc.render("x.jsonl:1", rec, method=method)
-        ids_a, starts, ends, lens = enc.enc.encode([r.text], [r.spans])
-        sp = np.array(r.spans, dtype=np.int64).reshape(-1, 2)
-        mask = label_mask(starts, ends, lens, np.array([len(r.text)]), sp[:, 0], sp[:, 1], np.array([len(sp)]))
-        ids, labels, text = ids_a.tolist(), np.where(mask, ids_a, -100).tolist(), r.text
-    raw = enc.renderer.render([{k: v for k, v in m.items() if k != "loss"} for m in rec["messages"]],
-                              tools=rec.get("tools"))
-    if text != raw:  # distsft prepends the BOS a tokenizer adds by default when the template writes none
-        assert text == tok.bos_token + raw and ids[0] == tok.bos_token_id and labels[0] == -100
-        ids, labels = ids[1:], labels[1:]
-    return ids, [int(x != -100) for x in labels]
+    return mask_harness.ours(tokenizer(name), template_path(name, marked), rec, method)
 
 
 @pytest.mark.parametrize("name,conv", cases())

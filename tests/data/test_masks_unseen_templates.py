@@ -16,50 +16,23 @@ from __future__ import annotations
 import json
 import re
 
-import numpy as np
 import pytest
 
-from distsft.data.encode import label_mask
+from distsft.config.sections import DataSpec
 from distsft.data.examples import Encoder
 from distsft.errors import SpecError
-from distsft.config.sections import DataSpec
 
+import mask_harness
 from unseen_templates import (ACCEPTED, ADVERSARIAL_TEMPLATES, ALL_CONVERSATIONS, REAL_FAMILIES, REFUSED, cases,
                               template_path, tokenizer)
 
 
 def reference(name: str, rec: dict) -> tuple[list[int], list[int]] | None:
-    """transformers' ids and assistant mask with the marked copy; None if the template refuses."""
-    tok = tokenizer(name)
-    try:
-        out = tok.apply_chat_template(rec["messages"], chat_template=template_path(name, marked=True).read_text(),
-                                      tools=rec.get("tools"), tokenize=True, return_dict=True,
-                                      return_assistant_tokens_mask=True, **rec.get("chat_template_kwargs", {}))
-    except Exception as exc:
-        if "TemplateError" in type(exc).__name__:
-            return None
-        raise
-    return list(out["input_ids"]), list(out["assistant_masks"])
+    return mask_harness.reference(tokenizer(name), template_path(name, marked=True), rec)
 
 
 def ours(name: str, rec: dict, marked: bool, method: str = "auto") -> tuple[list[int], list[int]]:
-    tok = tokenizer(name)
-    enc = Encoder(tok, DataSpec(train_files=["x.jsonl"], chat_template=str(template_path(name, marked))))
-    if method == "auto":
-        out = enc([("x.jsonl:1", rec)])
-        ids, labels = out.input_ids.tolist(), out.labels.tolist()
-        text = enc.render("x.jsonl:1", rec)[0].text
-    else:
-        (r,) = enc.render("x.jsonl:1", rec, method=method)
-        ids_a, starts, ends, lens = enc.enc.encode([r.text], [r.spans])
-        sp = np.array(r.spans, dtype=np.int64).reshape(-1, 2)
-        mask = label_mask(starts, ends, lens, np.array([len(r.text)]), sp[:, 0], sp[:, 1], np.array([len(sp)]))
-        ids, labels, text = ids_a.tolist(), np.where(mask, ids_a, -100).tolist(), r.text
-    raw = enc.renderer.render(rec["messages"], tools=rec.get("tools"))
-    if text != raw:  # distsft prepends the BOS a tokenizer adds by default when the template writes none
-        assert text == tok.bos_token + raw and ids[0] == tok.bos_token_id and labels[0] == -100
-        ids, labels = ids[1:], labels[1:]
-    return ids, [int(x != -100) for x in labels]
+    return mask_harness.ours(tokenizer(name), template_path(name, marked), rec, method)
 
 
 @pytest.mark.parametrize("name,conv", cases())

@@ -7,13 +7,10 @@ must be refused with exit 2."""
 from __future__ import annotations
 
 import copy
-import json
 from functools import lru_cache
 from pathlib import Path
 
-import pytest
-
-from real_templates import CONVERSATIONS, HERE, MARKED, REAL, TOKENIZERS, a, u
+from real_templates import CONVERSATIONS, HERE, MARKED, REAL, a, family_tokenizer, u
 from real_templates import tokenizer as real_tokenizer
 
 ADVERSARIAL = HERE / "adversarial_templates"
@@ -42,19 +39,7 @@ ACCEPTED = sorted(t for t in (*REAL_FAMILIES, *ADVERSARIAL_TEMPLATES) if t not i
 
 @lru_cache(maxsize=None)
 def _real(name: str):
-    from transformers import PreTrainedTokenizerFast
-    pkg, special, extra = REAL_FAMILIES[name]
-    d = TOKENIZERS / pkg
-    if not (d / "tokenizer.json").is_file():  # real_templates' rule for a missing asset: skip, or fail in CI
-        real_tokenizer("qwen3-0.6b")
-        pytest.skip(f"tokenizer {pkg} missing in {TOKENIZERS}: run `make test-assets`")
-    cfg = json.loads((d / "tokenizer_config.json").read_text())
-    kw = {k: cfg[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token") if isinstance(cfg.get(k), str)}
-    tok = PreTrainedTokenizerFast(tokenizer_file=str(d / "tokenizer.json"), **{**kw, **special})
-    tok.name_or_path = f"{pkg} (for {name})"
-    if extra:
-        tok.add_special_tokens({"additional_special_tokens": extra})
-    return tok
+    return family_tokenizer(*REAL_FAMILIES[name], name)
 
 
 @lru_cache(maxsize=1)
