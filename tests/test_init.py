@@ -2,7 +2,6 @@
 inside the recommended ranges; local directories, data sniffing and bad input (exit 2, one line)."""
 
 import json
-import os
 
 import pytest
 import yaml

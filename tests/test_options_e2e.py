@@ -97,7 +97,7 @@ def test_new_special_tokens_train_with_lora_save_and_reload(tmp_path):
     from peft import AutoPeftModelForCausalLM
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from distsft.train import model as model_lib, tokens as tokens_lib
+    from distsft.train import tokens as tokens_lib
     from distsft.config.spec import load_spec
 
     # The new rows trained: input and output rows moved away from their mean initialisation.

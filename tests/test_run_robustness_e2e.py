@@ -57,7 +57,6 @@ def test_quiet_run_bound_port_stale_checkpoint_then_resume_guards(tmp_path: Path
 
 def test_ranks_started_without_the_launcher_report_too_little_data_once(tmp_path: Path) -> None:
     """torchrun on the rendered run dir (as under the sbatch template): rank 0 says it, every rank exits 2."""
-    import os
     import subprocess
     import sys
     small = tmp_path / "small.jsonl"

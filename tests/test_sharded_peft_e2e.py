@@ -26,7 +26,7 @@ def _reloaded_eval_loss(out, method):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from distsft.data import build as data
-    from distsft.train import model as model_lib, tokens as tokens_lib
+    from distsft.train import tokens as tokens_lib
     from distsft.data.collate import PackedCollator
     from distsft.data.split import cache_root
     from distsft.config.spec import load_spec

@@ -38,7 +38,7 @@ def test_two_process_run_trains_logs_once_per_step_and_saves_loadable_outputs(tm
 def _independent_loss(out, step: int) -> float:
     """Token-weighted mean over the step's global batch, one example at a time, with the untouched model."""
     from distsft.data import build as data
-    from distsft.train import model as model_lib, tokens as tokens_lib
+    from distsft.train import tokens as tokens_lib
     from distsft.data.split import cache_root
     from distsft.data.sampler import GlobalOrder
     from distsft.config.spec import load_spec

@@ -44,7 +44,6 @@ def keys_to_save(model: Any, sharded: dict[str, Any]) -> list[str]:
 def gather_full(model: Any, dtype: Any, keys: list[str] | None = None) -> dict[str, Any]:
     """{key: full tensor on CPU} on rank 0 ({} elsewhere), floating tensors in `dtype`. A collective:
     every rank calls it, and walks the keys in the same (state-dict) order."""
-    import torch
     from torch.distributed.tensor import DTensor
     sharded = model.state_dict()
     wanted = set(sharded if keys is None else keys)

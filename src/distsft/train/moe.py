@@ -17,7 +17,6 @@ transformers 5 stores the routed experts of Qwen3-MoE, Mixtral and gpt-oss as fu
 from __future__ import annotations
 
 import contextlib
-import re
 from typing import Any, Iterator
 
 import torch
