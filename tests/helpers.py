@@ -93,6 +93,24 @@ def packed_token_loss(model, rows) -> tuple[float, int]:
     return total, count
 
 
+def packed_eval_loss(model, ds, pad_token_id: int) -> float:
+    """Token-weighted eval loss over a packed split through the packed collator, 4 rows at a time (the
+    reference a reloaded adapter is checked against)."""
+    import torch
+    from distsft.data.collate import PackedCollator
+    collate = PackedCollator(pad_token_id, "sdpa")
+    total, count = 0.0, 0
+    for start in range(0, len(ds), 4):
+        batch = collate([ds[i] for i in range(start, min(start + 4, len(ds)))])
+        labels = batch.pop("labels")[..., 1:]
+        with torch.no_grad():
+            logits = model(**{**batch, "use_cache": False}).logits.float()  # packed masks need no cache
+        total += float(torch.nn.functional.cross_entropy(logits[..., :-1, :].reshape(-1, logits.shape[-1]),
+                                                         labels.reshape(-1), ignore_index=-100, reduction="sum"))
+        count += int((labels != -100).sum())
+    return total / count
+
+
 def wait_for_step(output_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 180) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:

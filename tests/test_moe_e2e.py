@@ -97,23 +97,12 @@ def _reloaded_eval_loss(out, base):
 
     from distsft.config.spec import load_spec
     from distsft.data import build as data
-    from distsft.data.collate import PackedCollator
     from distsft.data.split import cache_root
     spec = load_spec(out / "run.yaml")
     tok = AutoTokenizer.from_pretrained(base)
     ds, _ = data.load_or_build(spec, tok, "eval", cache_root(spec))
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), out).eval()
-    collate = PackedCollator(tok.pad_token_id, "sdpa")
-    total, count = 0.0, 0
-    for start in range(0, len(ds), 4):
-        batch = collate([ds[i] for i in range(start, min(start + 4, len(ds)))])
-        labels = batch.pop("labels")[..., 1:]
-        with torch.no_grad():
-            logits = model(**{**batch, "use_cache": False}).logits.float()
-        total += float(torch.nn.functional.cross_entropy(logits[..., :-1, :].reshape(-1, logits.shape[-1]),
-                                                         labels.reshape(-1), ignore_index=-100, reduction="sum"))
-        count += int((labels != -100).sum())
-    return total / count
+    return h.packed_eval_loss(model, ds, tok.pad_token_id)
 
 
 def test_loss_options_change_the_gradients_not_the_logged_loss(tmp_path, models):

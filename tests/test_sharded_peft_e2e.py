@@ -27,7 +27,6 @@ def _reloaded_eval_loss(out, method):
 
     from distsft.data import build as data
     from distsft.train import tokens as tokens_lib
-    from distsft.data.collate import PackedCollator
     from distsft.data.split import cache_root
     from distsft.config.spec import load_spec
     spec = load_spec(out / "run.yaml")
@@ -39,17 +38,7 @@ def _reloaded_eval_loss(out, method):
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)}
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(h.TINY, **kwargs), out).eval()
-    collate = PackedCollator(tok.pad_token_id, "sdpa")
-    total, count = 0.0, 0
-    for start in range(0, len(ds), 4):
-        batch = collate([ds[i] for i in range(start, min(start + 4, len(ds)))])
-        labels = batch.pop("labels")[..., 1:]
-        with torch.no_grad():
-            logits = model(**{**batch, "use_cache": False}).logits.float()  # packed masks need no cache
-        total += float(torch.nn.functional.cross_entropy(logits[..., :-1, :].reshape(-1, logits.shape[-1]),
-                                                         labels.reshape(-1), ignore_index=-100, reduction="sum"))
-        count += int((labels != -100).sum())
-    return total / count
+    return h.packed_eval_loss(model, ds, tok.pad_token_id)
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora"])

@@ -48,3 +48,49 @@ def ours(tok, template: Path, rec: dict, method: str = "auto") -> tuple[list[int
         assert text == tok.bos_token + raw and ids[0] == tok.bos_token_id and labels[0] == -100
         ids, labels = ids[1:], labels[1:]
     return ids, [int(x != -100) for x in labels]
+
+
+def assert_matches_reference(tok, plain: Path, marked: Path, rec: dict, case: str) -> None:
+    """distsft's ids and mask equal the reference by all three ways of finding spans (the marked copy's
+    markers, the automatic path on the original, differential rendering forced); where the template
+    refuses the conversation, distsft refuses it too (exit 2)."""
+    import pytest
+
+    from distsft.errors import SpecError
+    ref = reference(tok, marked, rec)
+    if ref is None:
+        with pytest.raises(SpecError, match="x.jsonl:1: the chat template failed"):
+            ours(tok, plain, rec)
+        return
+    ref_ids, ref_mask = ref
+    assert sum(ref_mask) > 0
+    for template, method in ((marked, "auto"), (plain, "auto"), (plain, "diff")):
+        ids, mask = ours(tok, template, rec, method)
+        assert ids == ref_ids, (template.name, method)
+        if mask != ref_mask:
+            got = tok.decode([i for i, m in zip(ids, mask) if m])
+            want = tok.decode([i for i, m in zip(ids, ref_mask) if m])
+            pytest.fail(f"{case} {template} method={method}: labelled {got!r}, reference {want!r}")
+
+
+def assert_marked_renders_like_plain(tok, plain: Path, marked: Path, records: list[dict]) -> None:
+    """The reference is only as good as the marked copy: every prefix of every conversation renders
+    byte-identically (or fails in both)."""
+    import pytest
+
+    from distsft.data.chat import ChatRenderer
+    a, b = ChatRenderer(tok, plain.read_text()), ChatRenderer(tok, marked.read_text())
+    rendered = 0
+    for rec in records:
+        msgs, tools = rec["messages"], rec.get("tools")
+        for k in range(1, len(msgs) + 1):
+            for gen in (False, True):
+                try:
+                    want = a.render(msgs[:k], gen, tools)
+                except Exception:
+                    with pytest.raises(Exception):
+                        b.render(msgs[:k], gen, tools)
+                    continue
+                assert b.render(msgs[:k], gen, tools) == want
+                rendered += 1
+    assert rendered > 0

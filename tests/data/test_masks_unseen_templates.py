@@ -27,55 +27,16 @@ from unseen_templates import (ACCEPTED, ADVERSARIAL_TEMPLATES, ALL_CONVERSATIONS
                               template_path, tokenizer)
 
 
-def reference(name: str, rec: dict) -> tuple[list[int], list[int]] | None:
-    return mask_harness.reference(tokenizer(name), template_path(name, marked=True), rec)
-
-
-def ours(name: str, rec: dict, marked: bool, method: str = "auto") -> tuple[list[int], list[int]]:
-    return mask_harness.ours(tokenizer(name), template_path(name, marked), rec, method)
-
-
 @pytest.mark.parametrize("name,conv", cases())
 def test_mask_equals_generation_marker_reference(name: str, conv: str) -> None:
-    rec = ALL_CONVERSATIONS[conv]
-    ref = reference(name, rec)
-    if ref is None:  # the template itself refuses the conversation: so does distsft, with exit 2
-        with pytest.raises(SpecError, match="x.jsonl:1: the chat template failed"):
-            ours(name, rec, marked=False)
-        return
-    ref_ids, ref_mask = ref
-    assert sum(ref_mask) > 0
-    tok = tokenizer(name)
-    for marked, method in ((True, "auto"), (False, "auto"), (False, "diff")):
-        ids, mask = ours(name, rec, marked, method)
-        assert ids == ref_ids, (marked, method)
-        if mask != ref_mask:
-            got = tok.decode([i for i, m in zip(ids, mask) if m])
-            want = tok.decode([i for i, m in zip(ids, ref_mask) if m])
-            pytest.fail(f"{name}/{conv} marked={marked} method={method}: labelled {got!r}, reference {want!r}")
+    mask_harness.assert_matches_reference(tokenizer(name), template_path(name), template_path(name, marked=True),
+                                          ALL_CONVERSATIONS[conv], f"{name}/{conv}")
 
 
 @pytest.mark.parametrize("name", ACCEPTED)
 def test_marked_copies_render_like_the_originals(name: str) -> None:
-    """The reference is only as good as the marked copy: it must render byte-identically."""
-    from distsft.data.chat import ChatRenderer
-    tok = tokenizer(name)
-    plain = ChatRenderer(tok, template_path(name).read_text())
-    marked = ChatRenderer(tok, template_path(name, marked=True).read_text())
-    rendered = 0
-    for rec in ALL_CONVERSATIONS.values():
-        msgs = rec["messages"]
-        for k in range(1, len(msgs) + 1):
-            for gen in (False, True):
-                try:
-                    want = plain.render(msgs[:k], gen)
-                except Exception:
-                    with pytest.raises(Exception):
-                        marked.render(msgs[:k], gen)
-                    continue
-                assert marked.render(msgs[:k], gen) == want
-                rendered += 1
-    assert rendered > 0
+    mask_harness.assert_marked_renders_like_plain(tokenizer(name), template_path(name), template_path(name, True),
+                                                  list(ALL_CONVERSATIONS.values()))
 
 
 # template -> (what it writes after the last assistant turn's end, which carries no loss,
