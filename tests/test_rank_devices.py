@@ -104,3 +104,23 @@ def test_failed_rendezvous_is_one_message_naming_the_address():
     msg = fabric.init_failure(RuntimeError("connect() timed out\nmore"), "node-001", 29500, "cuda:nccl,cpu:gloo")
     assert "node-001:29500" in msg and "GLOO_SOCKET_IFNAME" in msg and "NCCL_DEBUG=INFO" in msg
     assert "more" not in msg
+
+
+def test_accelerate_use_cpu_from_the_shell_is_dropped_where_it_would_change_the_run(monkeypatch, capsys):
+    """A leaked ACCELERATE_USE_CPU=true turned every DeepSpeed launch into plain DDP (it happened to this
+    test suite); the rank now drops it with a notice, and keeps it only for CPU DDP, where it is needed."""
+    import os
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    assert devices.forced_cpu("ddp", cuda=False) is None
+    assert "deepspeed backend into plain DDP" in devices.forced_cpu("deepspeed", cuda=False)
+    assert "this rank has a GPU" in devices.forced_cpu("ddp", cuda=True)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", devices.NODE_LOCAL_RANK_ENV):
+        monkeypatch.delenv(k, raising=False)
+    dist.env.cache_clear()
+    try:
+        assert devices.setup_rank("deepspeed") is False  # this machine: no GPU
+    finally:
+        dist.env.cache_clear()
+    assert "ACCELERATE_USE_CPU" not in os.environ and os.environ["DS_ACCELERATOR"] == "cpu"
+    assert "ignoring ACCELERATE_USE_CPU=true" in capsys.readouterr().err

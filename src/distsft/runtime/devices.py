@@ -71,6 +71,17 @@ def cpu_env(backend: str, cuda: bool) -> dict[str, str]:
     return env
 
 
+def forced_cpu(backend: str, cuda: bool) -> str | None:
+    """The notice when ACCELERATE_USE_CPU arrives from the user's shell where distsft would not set it:
+    accelerate would obey it silently (a rank with a GPU trains on the CPU; DeepSpeed and FSDP2 become
+    plain DDP). The rank decides the device itself (cpu_env), so it is dropped."""
+    value = os.environ.get("ACCELERATE_USE_CPU", "")
+    if value.lower() not in ("1", "true", "yes") or (not cuda and backend == "ddp"):
+        return None
+    why = "this rank has a GPU" if cuda else f"it would turn the {backend} backend into plain DDP"
+    return f"distsft: ignoring ACCELERATE_USE_CPU={value} from the environment: {why}; distsft chooses the device"
+
+
 def requested_gpus() -> bool:
     """Whether the scheduler gave this rank GPUs: SLURM's GPU variables, or CUDA_VISIBLE_DEVICES naming
     devices (an empty value or -1 hides them all)."""
@@ -105,6 +116,11 @@ def setup_rank(backend: str) -> bool:
         import torch
         cuda = torch.cuda.is_available() and torch.cuda.device_count() > 0
         why = "torch.cuda.is_available() is False"
+    stray = forced_cpu(backend, cuda)
+    if stray and e.is_local_main:
+        dist.warn(stray)
+    if stray:
+        os.environ.pop("ACCELERATE_USE_CPU", None)
     if cuda:
         import torch
         index = device_index(e.local_rank, e.local_world_size, torch.cuda.device_count())
