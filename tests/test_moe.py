@@ -107,8 +107,8 @@ def test_router_loss_reaches_the_router_and_not_the_logged_loss(tiny_moe_dirs, f
     model = _load(tiny_moe_dirs[family])
     m0, g0 = _router_grads(model, ids, labels, 0.0)
     m1, g1 = _router_grads(model, ids, labels, 0.5)
-    assert m0.aux_loss is not None and m0.aux_loss > 0 and m0.aux_loss == pytest.approx(m1.aux_loss)
-    assert m0.nll_sum == pytest.approx(m1.nll_sum, rel=1e-6)  # the logged LM loss ignores the coefficient
+    assert m0.aux_loss is not None and float(m0.aux_loss) > 0 and float(m0.aux_loss) == pytest.approx(float(m1.aux_loss))
+    assert float(m0.nll_sum) == pytest.approx(float(m1.nll_sum), rel=1e-6)  # the logged LM loss ignores the coefficient
     assert not torch.allclose(g0, g1)  # ...while the router's gradient does not
     # coefficient 0: the router's gradient is the LM loss's alone
     model.zero_grad()
@@ -128,7 +128,7 @@ def test_dft_weights_tokens_by_probability_with_the_same_normalisation():
     out.log_probs, out.label_mask = log_probs, mask
     nll = losses.micro_loss(out, "nll", 6, 2.0)
     dft = losses.micro_loss(out, "dft", 6, 2.0)
-    assert nll.nll_sum == dft.nll_sum == pytest.approx(2.8)  # logged loss: NLL under both
+    assert float(nll.nll_sum) == float(dft.nll_sum) == pytest.approx(2.8)  # logged loss: NLL under both
     assert float(nll.loss.detach()) == pytest.approx(2.8 / 6 * 2.0)
     expected = sum(-lp * torch.tensor(lp).exp().item() for lp in (-0.1, -2.0, -0.7)) / 6 * 2.0
     assert float(dft.loss.detach()) == pytest.approx(expected)
@@ -272,16 +272,19 @@ def test_loss_computer_logs_the_lm_loss_per_label_and_the_router_loss(tiny_moe_d
     n_items = int((batch["labels"][:, 1:] != -100).sum())
     computer = losses.LossComputer(model, "nll", aux_coef=0.5, source_labels=["a", "b", "a"])
     ml = computer(trainer, model, dict(batch), n_items)
+    ml.nll_sum, ml.tokens, ml.aux_loss = float(ml.nll_sum), int(ml.tokens), float(ml.aux_loss)
+    window = computer.window_sums()  # one rank: its sums are the totals
+    assert window.dtype == torch.float64 and window.device == ml.loss.device
     assert ml.aux_loss > 0
     assert float(ml.loss.detach()) == pytest.approx(ml.nll_sum / n_items + 0.5 * ml.aux_loss, rel=1e-5)
-    got = computer.reduce(lambda xs, op, device=None: xs, "cpu", float(ml.tokens), 1)
+    got = computer.metrics(window.tolist(), float(ml.tokens), 1)
     assert got["aux_loss"] == pytest.approx(ml.aux_loss)
     assert got["loss_tokens_a"] + got["loss_tokens_b"] == ml.tokens
     assert got["loss_tokens_b"] == 11  # the 12-token example of source 1: 11 predicted tokens
     whole = (got["loss_a"] * got["loss_tokens_a"] + got["loss_b"] * got["loss_tokens_b"]) / ml.tokens
     assert whole == pytest.approx(ml.nll_sum / ml.tokens, rel=1e-6)
     assert 0 <= got["mean_token_accuracy"] <= 1 and got["entropy"] > 0
-    assert computer.reduce(lambda xs, op, device=None: xs, "cpu", 0.0, 1) == {}  # the window was reset
+    assert not computer.window_sums().any()  # the window was reset
 
 
 def test_all_sliding_models_get_one_windowed_mask(tmp_path):

@@ -81,3 +81,22 @@ def test_single_process_agreement_is_immediate_and_defers_to_the_logging_reducti
     assert a.step_end(logging_now=True) is False  # the window's reduction carries the flag at this step
     assert a.step_end(logging_now=False) is True
     a.finish()
+
+
+def test_extra_sums_ride_the_windows_one_collective(monkeypatch):
+    """train.losses' per-window sums travel in the same gather as the window's (no collective of their
+    own): each rank's vector is appended and the totals summed over the gathered rows."""
+    from distsft.train import step_sync
+    gathered = []
+
+    def two_ranks(vec):  # the collective's contract: every rank's vector, in rank order
+        gathered.append(vec.clone())
+        other = vec.clone()
+        other[-3:] = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+        return [vec.tolist(), other.tolist()]
+    monkeypatch.setattr(step_sync, "gather_rows", two_ranks)
+    w = StepWindow(torch.device("cpu"), clock=Clock())
+    w.add(0, torch.tensor(6.0), loss_tokens=3, real_tokens=50, rows=4, checksum=7)
+    m, _ = w.reduce(1, False, 0.0, extra=torch.tensor([10.0, 20.0, 30.0], dtype=torch.float64))
+    assert len(gathered) == 1 and w.extra_total == [11.0, 22.0, 33.0]
+    assert m["loss"] == pytest.approx(12.0 / 6)  # the window's own sums are unaffected

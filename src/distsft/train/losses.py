@@ -25,10 +25,12 @@ LOSS_TYPES = ("nll", "dft")
 
 @dataclass
 class MicroLoss:
+    """Every figure stays on the device (0-d or small tensors): reading one on the host would wait for
+    the GPU once per micro-batch; they are summed there and read once per logging step (step_sync)."""
     loss: torch.Tensor            # what backward() sees
-    nll_sum: float                # sum of token NLLs (the logged `loss` numerator)
-    tokens: int                   # labelled tokens of this micro-batch
-    aux_loss: float | None        # unweighted load-balancing loss, when the model routes
+    nll_sum: torch.Tensor         # float64, sum of token NLLs (the logged `loss` numerator)
+    tokens: torch.Tensor          # labelled tokens of this micro-batch
+    aux_loss: torch.Tensor | None  # unweighted load-balancing loss, when the model routes
     per_source: torch.Tensor | None  # [n_sources, 2] float64: (NLL sum, tokens) per source id
 
 
@@ -48,13 +50,14 @@ def per_source_sums(log_probs: torch.Tensor, label_mask: torch.Tensor, source_id
     positions (-1 on padding); the log-probs are over the L-1 predicted positions, whose label is the
     next token -- a token belongs to the example its label belongs to."""
     ids = source_ids[..., 1:].to(log_probs.device)
-    keep = label_mask & (ids >= 0)
-    idx = ids[keep].long()
-    nll = (-log_probs.detach()[keep]).double()
+    # Weights, not boolean indexing (which reads the selected count on the host): a position that is
+    # unlabelled or padding adds 0 to source 0.
+    keep = (label_mask & (ids >= 0)).double().flatten()
+    idx = ids.clamp(min=0).long().flatten()
+    nll = -log_probs.detach().double().flatten() * keep
     sums = torch.zeros(n_sources, dtype=torch.float64, device=log_probs.device).index_add_(0, idx, nll)
-    counts = torch.zeros(n_sources, dtype=torch.float64, device=log_probs.device).index_add_(
-        0, idx, torch.ones_like(nll))
-    return torch.stack([sums, counts], dim=1).cpu()
+    counts = torch.zeros(n_sources, dtype=torch.float64, device=log_probs.device).index_add_(0, idx, keep)
+    return torch.stack([sums, counts], dim=1)
 
 
 def micro_loss(outputs: Any, loss_type: str, num_items_in_batch: Any, scale: float,
@@ -70,14 +73,15 @@ def micro_loss(outputs: Any, loss_type: str, num_items_in_batch: Any, scale: flo
         loss = loss + aux_coef * aux.to(loss.device) / max(1, accum_steps)
     per_source = (per_source_sums(log_probs, mask, source_ids, n_sources)
                   if source_ids is not None and n_sources else None)
-    return MicroLoss(loss=loss, nll_sum=float(-log_probs.detach().sum()), tokens=int(mask.sum()),
-                     aux_loss=None if aux is None else float(aux.detach()), per_source=per_source)
+    return MicroLoss(loss=loss, nll_sum=-log_probs.detach().double().sum(), tokens=mask.sum(),
+                     aux_loss=None if aux is None else aux.detach().double(), per_source=per_source)
 
 
 class LossComputer:
     """The trainer's micro-batch loss (replacing TRL's compute_loss for training) and the per-step sums
-    the logs need beyond the LM loss: aux_loss, loss_<label>, entropy and mean_token_accuracy, reduced
-    over all ranks once per logging step (no collective per micro-batch, unlike TRL's metrics)."""
+    the logs need beyond the LM loss: aux_loss, loss_<label>, entropy and mean_token_accuracy, summed on
+    the device and carried over the ranks by the step window's one collective per logging step (no
+    collective or host read per micro-batch, unlike TRL's metrics)."""
 
     def __init__(self, model: Any, loss_type: str = "nll", aux_coef: float | None = None,
                  source_labels: list[str | None] | None = None):
@@ -89,7 +93,8 @@ class LossComputer:
         self.labels = sorted({lab for lab in (source_labels or []) if lab})
         self.source_to_label = [self.labels.index(lab) if lab else -1 for lab in (source_labels or [])]
         self._n = len(self.labels)
-        self._sums = torch.zeros(4 + 2 * self._n, dtype=torch.float64)  # aux sum, aux count, entropy, top1, per label
+        # aux sum, aux count, entropy, top1, per label: on the loss's device once the first micro-batch comes
+        self._sums: torch.Tensor | None = None
         self._routers: list[Any] | None = None
 
     def __call__(self, trainer: Any, model: Any, inputs: dict[str, Any], num_items_in_batch: Any) -> MicroLoss:
@@ -110,30 +115,40 @@ class LossComputer:
                                                      and num_items_in_batch is not None) else 1
         steps = trainer.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
         if source_ids is not None and self._n:
-            lut = torch.tensor(self.source_to_label + [-1], dtype=torch.long)
-            source_ids = lut[source_ids.cpu().long().clamp(min=-1)]  # -1 (padding) indexes the last entry
+            lut = torch.tensor(self.source_to_label + [-1], dtype=torch.long, device=source_ids.device)
+            source_ids = lut[source_ids.long().clamp(min=-1)]  # -1 (padding) indexes the last entry
         ml = micro_loss(outputs, self.loss_type, num_items_in_batch, scale, aux=aux, aux_coef=self.aux_coef,
                         accum_steps=steps, source_ids=source_ids, n_sources=self._n)
         mask = outputs.label_mask
-        row = torch.zeros_like(self._sums)
+        if self._sums is None:
+            self._sums = torch.zeros(4 + 2 * self._n, dtype=torch.float64, device=ml.nll_sum.device)
+        # Summed on the device (masked sums, no boolean indexing: that would read the count on the host).
         if ml.aux_loss is not None:
-            row[0], row[1] = ml.aux_loss, 1.0
+            self._sums[0] += ml.aux_loss.to(self._sums.device)
+            self._sums[1] += 1.0
         if getattr(outputs, "entropy", None) is not None:
-            row[2] = float(outputs.entropy.detach()[mask].double().sum())
+            self._sums[2] += (outputs.entropy.detach().double() * mask).sum()
         if getattr(outputs, "is_top1", None) is not None:
-            row[3] = float(outputs.is_top1[mask].double().sum())
+            self._sums[3] += (outputs.is_top1.double() * mask).sum()
         if ml.per_source is not None:
-            row[4:] = ml.per_source.flatten()
-        self._sums += row
+            self._sums[4:] += ml.per_source.flatten().to(self._sums.device)
         return ml
 
-    def reduce(self, all_reduce: Any, device: Any, loss_tokens: float, steps: int) -> dict[str, float]:
-        """Metrics of the window since the last call (sums over all ranks; `loss_tokens` the window's
-        labelled tokens, `steps` its optimizer steps); resets the window. loss_tokens_<label> is per
-        step, like loss_tokens."""
-        s = all_reduce(self._sums.tolist(), "sum", device=device)
+    def window_sums(self) -> torch.Tensor | None:
+        """This rank's sums since the last call (a device vector for the step window's one collective,
+        train.step_sync), and a fresh window; None before the first micro-batch."""
+        if self._sums is None:
+            return None
+        out = self._sums.clone()
         self._sums.zero_()
+        return out
+
+    def metrics(self, s: list[float], loss_tokens: float, steps: int) -> dict[str, float]:
+        """The window's metrics from `s`, window_sums() summed over all ranks (`loss_tokens` the window's
+        labelled tokens, `steps` its optimizer steps). loss_tokens_<label> is per step, like loss_tokens."""
         out: dict[str, float] = {}
+        if not s:
+            return out
         if s[1]:
             out["aux_loss"] = s[0] / s[1]  # mean over micro-batches and ranks, as TRL logs it
         if loss_tokens:

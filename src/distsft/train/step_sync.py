@@ -72,15 +72,22 @@ class StepWindow:
         self.timed_step, self.timed_start, self.excluded = step, self.clock(), 0.0
         self.counts["timed_tokens"] = 0.0
 
-    def reduce(self, step: int, preempt: bool, peak_memory_gb: float) -> tuple[dict[str, float], bool]:
-        """The window's metrics over all ranks, and whether any rank has a preemption flag raised."""
+    def reduce(self, step: int, preempt: bool, peak_memory_gb: float,
+               extra: torch.Tensor | None = None) -> tuple[dict[str, float], bool]:
+        """The window's metrics over all ranks, and whether any rank has a preemption flag raised.
+        `extra`: more per-rank sums (a device vector, train.losses') carried by the same collective;
+        their totals over the ranks are left in `self.extra_total`."""
         local = [self.counts.get(k, 0.0) for k in SUMS] + [1.0 if preempt else 0.0, peak_memory_gb]
         vec = torch.tensor(local, dtype=torch.float64, device=self.device)
         if self.loss is not None:
             vec[0] = self.loss.to(vec.device)  # a device-side copy, no read
+        n = vec.numel()
+        if extra is not None:
+            vec = torch.cat([vec, extra.detach().to(device=vec.device, dtype=torch.float64)])
         rows = gather_rows(vec)  # the one read of this logging step
         total = {k: sum(r[i] for r in rows) for i, k in enumerate(SUMS)}
         top = {k: max(r[len(SUMS) + i] for r in rows) for i, k in enumerate(MAXES)}
+        self.extra_total = [sum(r[i] for r in rows) for i in range(n, len(rows[0]))]
         now = self.clock()
         steps = max(1, step - (self.start_step if self.start_step is not None else step))
         timed_steps = step - (self.timed_step if self.timed_step is not None else step)

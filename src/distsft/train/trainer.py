@@ -152,8 +152,7 @@ class DistSFTTrainer(SFTTrainer):
             # micro-batch's own sum of token losses -- on the device, read once per logging step.
             scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
             # The LM loss alone (train.losses keeps the router term out of it) when distsft computed it.
-            loss_sum = (torch.tensor(micro.nll_sum, dtype=torch.float64) if micro is not None
-                        else loss.detach() * num_items_in_batch / scale)
+            loss_sum = micro.nll_sum if micro is not None else loss.detach() * num_items_in_batch / scale
             self.ctx.window.add(self.state.global_step, loss_sum,
                                 counts["num_loss_tokens"], counts["num_real_tokens"], counts["num_rows"],
                                 counts["batch_checksum"])
@@ -176,12 +175,13 @@ class DistSFTTrainer(SFTTrainer):
             # One collective and one read: the window over all ranks, the peak memory and the preemption flag.
             start = self.ctx.window.start_step
             steps = max(1, self.state.global_step - (start if start is not None else self.state.global_step))
+            extra = self.ctx.losses.window_sums() if self.ctx.losses is not None else None
             window, preempt = self.ctx.window.reduce(self.state.global_step, self.ctx.flag.raised,
-                                                     _peak_memory_gb(self.args.device))
+                                                     _peak_memory_gb(self.args.device), extra=extra)
             logs.update(window)
-            if self.ctx.losses is not None:  # aux_loss, entropy, accuracy, loss_<label> (train.losses)
-                logs.update(self.ctx.losses.reduce(dist.all_reduce, self.args.device,
-                                                   window["loss_tokens"] * steps, steps))
+            if extra is not None:  # aux_loss, entropy, accuracy, loss_<label> (train.losses)
+                logs.update(self.ctx.losses.metrics(self.ctx.window.extra_total, window["loss_tokens"] * steps,
+                                                    steps))
             if self.ctx.mfu is not None and logs.get("tokens_per_second"):
                 logs["mfu"] = self.ctx.mfu(logs["tokens_per_second"])
             if preempt:
