@@ -108,10 +108,14 @@ def test_plan_uses_a_measured_figure_in_the_output_dir(tmp_path):
 
 @pytest.mark.slow
 def test_sanity_and_a_run_record_their_throughput_and_plan_uses_it(tmp_path):
-    """`distsft sanity` writes its measured tokens/s into the spec's output_dir and `plan` then says
-    "measured"; a training run appends its own record at the end."""
+    """`distsft sanity` passes its checks on the tiny model (2 ranks), writes its measured tokens/s into
+    the spec's output_dir and `plan` then says "measured"; a training run appends its own record."""
     spec_path = h.write_spec(tmp_path / "s.yaml", tmp_path / "out")
-    h.run("sanity", spec_path, check=True)
+    p = h.run("sanity", spec_path, "--gpus", "2", check=True)
+    for check in ("assistant-only loss", "no out-of-memory", "loss falls", "generation works"):
+        assert check in p.stdout, check
+    assert "FAIL" not in p.stdout
+    assert "[[" in p.stdout  # decoded examples with the loss-carrying tokens marked
     recs = [json.loads(x) for x in (tmp_path / "out" / "throughput.jsonl").read_text().splitlines()]
     assert recs[-1]["source"] == "sanity" and recs[-1]["tokens_per_second_per_gpu"] > 0
     assert recs[-1]["model"] == str(h.TINY) and recs[-1]["device"] == "cpu"

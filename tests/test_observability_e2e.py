@@ -58,13 +58,3 @@ def test_nan_loss_stops_without_saving_and_explains(tmp_path):
     for ck in out.glob("checkpoint-*"):
         marker_losses = [r["loss"] for r in h.metrics(out) if r.get("step") == int(ck.name.split("-")[1]) and "loss" in r]
         assert all(x == x and abs(x) != float("inf") for x in marker_losses if isinstance(x, float))
-
-
-def test_sanity_passes_on_the_tiny_model(tmp_path):
-    spec = h.write_spec(tmp_path / "spec.yaml", tmp_path / "out")
-    p = h.run("sanity", spec, "--gpus", "2")
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    for check in ("assistant-only loss", "no out-of-memory", "loss falls", "generation works"):
-        assert check in p.stdout, check
-    assert "FAIL" not in p.stdout
-    assert "[[" in p.stdout  # decoded examples with the loss-carrying tokens marked
