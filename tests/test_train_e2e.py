@@ -80,17 +80,17 @@ def test_eval_loss_does_not_depend_on_packing_batch_size_or_process_count(tmp_pa
 def test_step_one_loss_agrees_across_ddp_and_deepspeed_zero(tmp_path):
     ds = ["distributed.backend=deepspeed"]
     first = {}
-    # ZeRO-1 is DeepSpeed's ZeRO-2 optimizer without gradient partitioning (test_backend_precision runs it)
+    # ZeRO-1 is DeepSpeed's ZeRO-2 optimizer without gradient partitioning (test_backend_precision runs it);
+    # ZeRO-3's step-1 loss is the one-conversation-at-a-time reference in test_seqpar_e2e (its sp 1 and 2 runs).
     for name, args in {"ddp": [],
                        "zero2": ds + ["distributed.zero_stage=2"],
-                       "zero2_offload": ds + ["distributed.zero_stage=2", "distributed.offload_optimizer=true"],
-                       "zero3": ds + ["distributed.zero_stage=3"]}.items():
+                       "zero2_offload": ds + ["distributed.zero_stage=2", "distributed.offload_optimizer=true"]}.items():
         out = tmp_path / name
         spec = h.write_spec(tmp_path / f"{name}.yaml", out)
         h.run("run", spec, "--gpus", "2", "train.max_steps=2", *args, check=True, timeout=400)
         first[name] = h.train_losses(out)[1]
         assert (out / "model.safetensors").exists() or list(out.glob("model*.safetensors")), name
-    for name in ("zero2", "zero2_offload", "zero3"):
+    for name in ("zero2", "zero2_offload"):
         assert first[name] == pytest.approx(first["ddp"], abs=1e-4), name
 
 
