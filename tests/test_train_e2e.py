@@ -52,15 +52,22 @@ def _independent_loss(out, step: int) -> float:
     return total / count
 
 
-def test_logged_loss_is_the_token_weighted_mean_of_the_global_batch(tmp_path):
-    out = tmp_path / "run"
-    spec = h.write_spec(tmp_path / "spec.yaml", out)
-    # learning_rate 0 keeps the weights, so each step's loss can be recomputed independently.
-    h.run("run", spec, "--gpus", "2", "train.learning_rate=0", "train.max_steps=2",
-          "train.per_device_train_batch_size=1", check=True)  # 4 micro-batches per rank
-    losses = h.train_losses(out)
+@pytest.fixture(scope="module")
+def lr0_run(tmp_path_factory):
+    """One 2-process DDP run that several tests read: learning rate 0 (the weights stay, so every step's
+    loss and the eval loss can be recomputed independently), micro-batch 1 (4 micro-batches per rank),
+    eval at every step."""
+    tmp = tmp_path_factory.mktemp("lr0")
+    out = tmp / "run"
+    h.run("run", h.write_spec(tmp / "spec.yaml", out), "--gpus", "2", "train.learning_rate=0", "train.max_steps=2",
+          "train.per_device_train_batch_size=1", "train.eval_steps=1", check=True)
+    return out
+
+
+def test_logged_loss_is_the_token_weighted_mean_of_the_global_batch(lr0_run):
+    losses = h.train_losses(lr0_run)
     for step in (1, 2):
-        assert losses[step] == pytest.approx(_independent_loss(out, step), abs=1e-5)
+        assert losses[step] == pytest.approx(_independent_loss(lr0_run, step), abs=1e-5)
 
 
 def _eval_loss(tmp_path, name, *args):
@@ -70,20 +77,21 @@ def _eval_loss(tmp_path, name, *args):
     return [m["eval_loss"] for m in h.metrics(out) if "eval_loss" in m][-1]
 
 
-def test_eval_loss_does_not_depend_on_packing_batch_size_or_process_count(tmp_path):
-    base = _eval_loss(tmp_path, "packed2", "--gpus", "2")
+def test_eval_loss_does_not_depend_on_packing_batch_size_or_process_count(tmp_path, lr0_run):
+    base = [m["eval_loss"] for m in h.metrics(lr0_run) if "eval_loss" in m][-1]  # packed, 2 processes, batch 1
     assert _eval_loss(tmp_path, "padded2", "--gpus", "2", "data.packing=false") == pytest.approx(base, abs=1e-4)
     assert _eval_loss(tmp_path, "packed1", "--gpus", "1", "train.per_device_eval_batch_size=3") == \
         pytest.approx(base, abs=1e-4)
 
 
-def test_step_one_loss_agrees_across_ddp_and_deepspeed_zero(tmp_path):
+def test_step_one_loss_agrees_across_ddp_and_deepspeed_zero(tmp_path, lr0_run):
+    """Step 1 runs on the untouched model, so its loss is DDP's (micro-batch and learning rate aside)."""
     ds = ["distributed.backend=deepspeed"]
-    first = {}
+    first = {"ddp": h.train_losses(lr0_run)[1]}
+    assert (lr0_run / "model.safetensors").exists()
     # ZeRO-1 is DeepSpeed's ZeRO-2 optimizer without gradient partitioning (test_backend_precision runs it);
     # ZeRO-3's step-1 loss is the one-conversation-at-a-time reference in test_seqpar_e2e (its sp 1 and 2 runs).
-    for name, args in {"ddp": [],
-                       "zero2": ds + ["distributed.zero_stage=2"],
+    for name, args in {"zero2": ds + ["distributed.zero_stage=2"],
                        "zero2_offload": ds + ["distributed.zero_stage=2", "distributed.offload_optimizer=true"]}.items():
         out = tmp_path / name
         spec = h.write_spec(tmp_path / f"{name}.yaml", out)
