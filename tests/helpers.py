@@ -18,6 +18,11 @@ EVAL = ROOT / "examples" / "data" / "eval.jsonl"
 DISTSFT = [sys.executable, "-m", "distsft.cli"]
 
 
+# ChatML whose turns end with <|eos|>: a special token of the tiny tokenizer, but not its eos (<|im_end|>).
+TURN_END_TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|eos|>\\n' }}"
+                     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
 def write_spec(path: Path, output_dir: Path, extra: str = "") -> Path:
     """A small, fast spec on the tiny model: fp32, logging every step, no periodic checkpoints."""
     path.write_text(f"""

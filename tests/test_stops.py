@@ -1,11 +1,10 @@
 """The token a fine-tuned model stops on (train.stops): `plan` warns once when the chat template ends
-assistant turns with a token that is not the eos, and the model's generation_config carries it."""
+assistant turns with a token that is not the eos, and the model's generation_config carries it (a real
+run's saves: tests/test_train_e2e.py, the LoRA run)."""
 
 from __future__ import annotations
 
 import json
-
-import pytest
 
 from typer.testing import CliRunner
 
@@ -15,9 +14,7 @@ from distsft.config.spec import validate
 from distsft.train import stops
 from distsft.train.tokens import load_tokenizer
 
-# ChatML whose turns end with <|eos|>: a special token of the tiny tokenizer, but not its eos (<|im_end|>).
-TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|eos|>\\n' }}{% endfor %}"
-            "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+TEMPLATE = h.TURN_END_TEMPLATE
 
 
 def _spec(tiny, template=TEMPLATE):
@@ -61,18 +58,3 @@ def test_the_saved_generation_config_carries_the_end_of_turn_token(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(h.TINY)
     assert stops.carry_turn_end(model, tok, _spec(h.TINY, template=None)) is None
     assert model.generation_config.eos_token_id == before and stops.sanity_results(_spec(h.TINY, None)) == []
-
-
-@pytest.mark.slow
-def test_a_run_saves_the_end_of_turn_token_in_generation_config(tmp_path):
-    """The run itself (one process, 2 steps, LoRA with a merged copy): the adapter's and the merged
-    model's generation_config.json carry the template's end-of-turn token."""
-    from transformers import GenerationConfig
-    (tmp_path / "t.jinja").write_text(TEMPLATE)
-    spec = h.write_spec(tmp_path / "spec.yaml", tmp_path / "out")
-    h.run("run", str(spec), "train.max_steps=2", "data.eval_files=[]", f"data.chat_template={tmp_path / 't.jinja'}",
-          "peft.method=lora", "checkpoint.save_merged=true", check=True, timeout=400)
-    tok = load_tokenizer(_spec(h.TINY))
-    want = [tok.eos_token_id, tok.convert_tokens_to_ids("<|eos|>")]
-    for d in (tmp_path / "out", tmp_path / "out" / "merged"):
-        assert GenerationConfig.from_pretrained(d).eos_token_id == want, d

@@ -123,17 +123,24 @@ def test_users_can_launch_the_rendered_run_dir_themselves(tmp_path, launcher):
 
 def test_lora_with_merged_output_and_qlora_train_and_load(tmp_path):
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     out = tmp_path / "lora"
     spec = h.write_spec(tmp_path / "lora.yaml", out)
+    # A template whose turns end with a token that is not the eos (train.stops: it must reach every save).
+    (tmp_path / "t.jinja").write_text(h.TURN_END_TEMPLATE)
     h.run("run", spec, "--gpus", "2", "peft.method=lora", "peft.r=8", "checkpoint.save_merged=true",
-          "train.learning_rate=1e-2", "train.gradient_checkpointing=true", check=True)
+          "train.learning_rate=1e-2", "train.gradient_checkpointing=true",
+          f"data.chat_template={tmp_path / 't.jinja'}", check=True)
     losses = list(h.train_losses(out).values())
     assert losses[-1] < losses[0]
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(h.TINY), out)
     assert any("lora_" in n for n, _ in model.named_parameters())
     merged = AutoModelForCausalLM.from_pretrained(out / "merged")
     assert not any("lora_" in n for n, _ in merged.named_parameters())
+    tok = AutoTokenizer.from_pretrained(h.TINY)
+    for d in (out, out / "merged"):  # the adapter's and the merged model's generation_config
+        assert GenerationConfig.from_pretrained(d).eos_token_id == [tok.eos_token_id,
+                                                                    tok.convert_tokens_to_ids("<|eos|>")], d
 
     qout = tmp_path / "qlora"
     spec = h.write_spec(tmp_path / "qlora.yaml", qout)
