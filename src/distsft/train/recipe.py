@@ -14,6 +14,7 @@ Exit codes: 0 done; 2 bad spec/data (one message); 75 stopped on a signal after 
 from __future__ import annotations
 
 import datetime
+import os
 import sys
 import time
 import traceback
@@ -401,7 +402,14 @@ def main(argv: list[str] | None = None) -> None:
         print("usage: python -m distsft.train RUN_DIR/run.yaml", file=sys.stderr)
         sys.exit(2)
     code = run_rank(argv[0])
-    if dist.initialized() and code in (0, 2, EXIT_PREEMPTED):  # 2: bad input, agreed by every rank
+    if code == 2:
+        # Bad input, agreed by every rank, and nothing left to write: leave at once. Tearing down gloo's
+        # threads at interpreter exit sometimes aborts the process ("terminate called without an active
+        # exception", SIGABRT: seen in CI), and the user would see a crash instead of exit 2.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    if dist.initialized() and code in (0, EXIT_PREEMPTED):
         # Exiting with a live gloo group sometimes aborts the process after the work is done.
         import torch.distributed as tdist
         tdist.destroy_process_group()
