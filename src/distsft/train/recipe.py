@@ -241,48 +241,9 @@ def build_model(r: Rank) -> None:
 
 def confirm_micro_batch(r: Rank) -> None:
     """After the model (the probe runs it) and before the trainer (which takes the micro-batch):
-    `per_device_train_batch_size: auto` on a GPU is confirmed by one forward/backward on the longest
-    row, halved on out-of-memory (train.autobatch). Every rank probes, all take the smallest, rank 0
-    records it (auto_batch.json: a resume or requeue uses the same) and the arguments are rebuilt with
-    the re-derived accumulation: the global batch is what the user asked."""
-    from distsft.plan import fit
+    `per_device_train_batch_size: auto` confirmed on the GPU (train.autobatch.settle)."""
     from distsft.train import autobatch
-    spec, e = r.spec, dist.env()
-    if not fit.auto_requested(spec, e.world_size):
-        return
-    estimated = r.batch.per_device_train_batch_size
-    probed = fit.probed_micro(spec, e.world_size)
-    why = autobatch.not_probed(spec, r.cuda, r.batch.sequence_parallel_size)
-    if probed is not None or why is not None:
-        micro = probed or estimated
-        dist.print0(f"per_device_train_batch_size auto: {micro} "
-                    f"({'settled by the probe of an earlier attempt (auto_batch.json)' if probed else why})")
-        _adopt_micro(r, micro)
-        return
-    if spec.train.gradient_checkpointing:  # as training will run it (the trainer enables it again)
-        r.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    packed, _ = _collator(r)
-    micro, line = autobatch.confirm(spec, r.model, r.train_ds, packed, r.device, estimated,
-                                    fit.micro_candidates(r.batch.global_batch_size, r.batch.data_parallel_size),
-                                    precision=r.precision)
-    micro = int(dist.all_reduce([float(micro)], op="min", device=r.device)[0])  # the tightest rank decides
-    if e.is_main:
-        fit.record_auto(spec, e.world_size, micro, estimated, probed=True)
-    dist.barrier()
-    fit.forget_resolved()
-    dist.print0(line + (f"; {micro} on every rank" if micro != estimated else ""))
-    _adopt_micro(r, micro)
-
-
-def _adopt_micro(r: Rank, micro: int) -> None:
-    """Train at `micro`: the batch arithmetic re-derived for the same global batch, the arguments rebuilt."""
-    if micro == r.batch.per_device_train_batch_size:
-        return
-    from distsft.plan.batch import resolve_batch
-    from distsft.train.arguments import sft_config
-    b = r.batch
-    r.batch = resolve_batch(micro, b.world_size, None, b.global_batch_size, b.sequence_parallel_size)
-    r.args = sft_config(r)
+    autobatch.settle(r, lambda: _collator(r)[0])
 
 
 def build_trainer(r: Rank) -> None:
