@@ -363,15 +363,25 @@ def main(argv: list[str] | None = None) -> None:
         print("usage: python -m distsft.train RUN_DIR/run.yaml", file=sys.stderr)
         sys.exit(2)
     code = run_rank(argv[0])
-    if code == 2:
-        # Bad input, agreed by every rank, and nothing left to write: leave at once. Tearing down gloo's
-        # threads at interpreter exit sometimes aborts the process ("terminate called without an active
-        # exception", SIGABRT: seen in CI), and the user would see a crash instead of exit 2.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    if dist.initialized() and code in (0, EXIT_PREEMPTED):
-        # Exiting with a live gloo group sometimes aborts the process after the work is done.
-        import torch.distributed as tdist
-        tdist.destroy_process_group()
+    if code == 2 or (code in (0, EXIT_PREEMPTED) and dist.initialized()):
+        _leave(code)
     sys.exit(code)
+
+
+def _leave(code: int) -> None:
+    """End a rank whose work is done without the interpreter's teardown. Tearing down gloo's and
+    DeepSpeed's communication threads at exit (or in destroy_process_group) sometimes aborts a rank
+    after the run has finished ("terminate called without an active exception", SIGABRT: seen in CI
+    after "run complete"), and the user would see a crash instead of the run's exit code. Exit 2 is bad
+    input agreed by every rank; 0 and 75 wait for every rank first, so no rank leaves a collective
+    another still needs. Everything a rank writes is closed by then (sinks, checkpoints, the lock)."""
+    import logging
+    if code != 2:
+        try:
+            dist.barrier()
+        except Exception:  # noqa: BLE001 - a peer that failed is reported by the launcher, with its code
+            pass
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
